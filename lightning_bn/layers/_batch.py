@@ -1,0 +1,276 @@
+"""Batch-norm kinds torch lacks: any-layout batch norm, batch renorm, ghost batch norm, frozen batch norm.
+
+Every class keeps ``running_mean``, ``running_var`` and ``num_batches_tracked`` with torch's meaning
+(momentum ``None`` is a cumulative average; the running variance is unbiased), so torch's tools and
+:func:`lightning_bn.recalibrate_bn` treat them like ``nn.BatchNorm2d``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_bn.layers._layout import CHANNELS_FIRST, CHANNELS_LAST, channel_dim, check_layout
+
+__all__ = ["BatchNormNd", "BatchNormChannelsLast", "BatchRenorm", "GhostBatchNorm", "FrozenBatchNorm"]
+
+
+def _as_channels_first(x: Tensor, layout: str) -> Tensor:
+    """A ``(M, C)`` view for channels-last input (what ``F.batch_norm`` takes); channels-first unchanged."""
+    return x.reshape(-1, x.shape[-1]) if layout == CHANNELS_LAST else x
+
+
+def _broadcast(t: Tensor, x: Tensor, cdim: int) -> Tensor:
+    shape = [1] * x.dim()
+    shape[cdim] = -1
+    return t.view(shape)
+
+
+class BatchNormNd(_BatchNorm):
+    """Batch norm over channels-first input ``(N, C, *)`` with any number of spatial dimensions."""
+
+    layout = CHANNELS_FIRST
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected input of shape (N, C, *), got {tuple(input.shape)}")
+
+
+class BatchNormChannelsLast(_BatchNorm):
+    """Batch norm over channels-last input ``(N, *, C)``, e.g. transformer tokens ``(B, T, C)``.
+
+    Statistics per channel over every batch and position; the same kernel and buffers as torch's batch norm.
+    """
+
+    layout = CHANNELS_LAST
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected input of shape (N, *, C), got {tuple(input.shape)}")
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        return super().forward(input.reshape(-1, input.shape[-1])).reshape(input.shape)
+
+
+class _LayoutBatchNorm(_BatchNorm):
+    """Shared by our batch-norm kinds that take a ``layout`` argument."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        layout: str = CHANNELS_FIRST,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.layout = check_layout(layout)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2 dimensions, got input of shape {tuple(input.shape)}")
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, layout={self.layout}"
+
+    def _update_running_stats(self, mean: Tensor, var_unbiased: Tensor) -> None:
+        """Torch's update rule: exponential average with ``momentum``, cumulative when it is None."""
+        assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+            self.running_var.lerp_(var_unbiased.to(self.running_var.dtype), factor)
+
+    def _eval_forward(self, x: Tensor) -> Tensor:
+        out = F.batch_norm(
+            _as_channels_first(x, self.layout), self.running_mean, self.running_var, self.weight, self.bias,
+            False, 0.0, self.eps,
+        )
+        return out.reshape(x.shape)
+
+    def _uses_batch_stats(self) -> bool:
+        return self.training or not self.track_running_stats
+
+
+class BatchRenorm(_LayoutBatchNorm):
+    """Batch renormalization (Ioffe, 2017), channels-first or channels-last.
+
+    In training, ``x_hat = (x - mu_B) / sigma_B * r + d`` with ``r = clip(sigma_B / sigma, 1/rmax, rmax)`` and
+    ``d = clip((mu_B - mu) / sigma, -dmax, dmax)`` held constant in the backward pass, where ``mu`` and
+    ``sigma = sqrt(running_var + eps)`` are the running statistics. ``rmax`` rises linearly from 1 and ``dmax``
+    from 0 to their final values over the first ``warmup_steps`` training batches (counted by
+    ``num_batches_tracked``), so training starts as batch norm. In eval it is batch norm with running statistics.
+
+    Args:
+        num_features: channels ``C``.
+        rmax: final bound on ``r`` (>= 1).
+        dmax: final bound on ``d`` (>= 0).
+        warmup_steps: batches over which the bounds open up; 0 uses the final bounds at once.
+        layout: ``"channels_first"`` for ``(N, C, *)`` or ``"channels_last"`` for ``(N, *, C)``.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
+        warmup_steps: int = 5000,
+        layout: str = CHANNELS_FIRST,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        if rmax < 1.0:
+            raise ValueError(f"`rmax` must be >= 1, got {rmax}")
+        if dmax < 0.0:
+            raise ValueError(f"`dmax` must be >= 0, got {dmax}")
+        if warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
+        super().__init__(num_features, eps, momentum, affine, True, layout, device=device, dtype=dtype)
+        self.rmax, self.dmax, self.warmup_steps = float(rmax), float(dmax), int(warmup_steps)
+
+    def current_bounds(self) -> tuple[float, float]:
+        """``(rmax, dmax)`` in force for the next training batch."""
+        assert self.num_batches_tracked is not None
+        done = 1.0 if self.warmup_steps == 0 else min(1.0, float(self.num_batches_tracked) / self.warmup_steps)
+        return 1.0 + (self.rmax - 1.0) * done, self.dmax * done
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if not self.training:
+            return self._eval_forward(input)
+        cdim = channel_dim(self.layout, input.dim())
+        dims = [d for d in range(input.dim()) if d != cdim]
+        n = input.numel() // input.shape[cdim]
+        mean = input.mean(dims)
+        var = input.var(dims, unbiased=False)
+        std = (var + self.eps).sqrt()
+        assert self.running_mean is not None and self.running_var is not None
+        running_std = (self.running_var + self.eps).sqrt()
+        rmax, dmax = self.current_bounds()
+        with torch.no_grad():
+            r = (std / running_std).clamp(1.0 / rmax, rmax)
+            d = ((mean - self.running_mean) / running_std).clamp(-dmax, dmax)
+        x_hat = (input - _broadcast(mean, input, cdim)) * _broadcast(r / std, input, cdim) + _broadcast(d, input, cdim)
+        if self.affine:
+            x_hat = x_hat * _broadcast(self.weight, input, cdim) + _broadcast(self.bias, input, cdim)
+        self._update_running_stats(mean.detach(), var.detach() * n / max(n - 1, 1))
+        return x_hat
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rmax={self.rmax}, dmax={self.dmax}, warmup_steps={self.warmup_steps}"
+
+
+class GhostBatchNorm(_LayoutBatchNorm):
+    """Ghost batch norm (Hoffer et al., 2017): batch statistics per virtual batch of ``virtual_batch_size`` samples.
+
+    The batch (dimension 0) is cut into consecutive virtual batches (the last may be smaller), each normalized with
+    its own statistics. The running statistics are updated once per forward with the average of the virtual
+    batches' means and unbiased variances. Same ``state_dict`` keys as batch norm; in eval it is batch norm.
+    With ``virtual_batch_size`` >= the batch size it equals batch norm.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        virtual_batch_size: int = 32,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        layout: str = CHANNELS_FIRST,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        if int(virtual_batch_size) < 1:
+            raise ValueError(f"`virtual_batch_size` must be a positive integer, got {virtual_batch_size}")
+        super().__init__(num_features, eps, momentum, affine, True, layout, device=device, dtype=dtype)
+        self.virtual_batch_size = int(virtual_batch_size)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if not self.training:
+            return self._eval_forward(input)
+        outs, means, vars_ = [], [], []
+        for chunk in input.split(self.virtual_batch_size, dim=0):
+            flat = _as_channels_first(chunk, self.layout)
+            dims = [d for d in range(flat.dim()) if d != 1]
+            n = flat.numel() // flat.shape[1]
+            with torch.no_grad():
+                means.append(flat.mean(dims))
+                vars_.append(flat.var(dims, unbiased=False) * n / max(n - 1, 1))
+            out = F.batch_norm(flat, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            outs.append(out.reshape(chunk.shape))
+        self._update_running_stats(torch.stack(means).mean(0), torch.stack(vars_).mean(0))
+        return torch.cat(outs, dim=0)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
+
+
+class FrozenBatchNorm(nn.Module):
+    """Batch norm with fixed statistics: ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``.
+
+    Any dimensionality, channels-first or channels-last. The statistics never change (not in train mode, not by
+    recalibration). ``weight`` and ``bias`` are parameters, trainable only when ``trainable_affine=True``.
+    Same ``state_dict`` keys as batch norm, so a batch-norm checkpoint loads into it.
+    """
+
+    layout: str
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        trainable_affine: bool = False,
+        layout: str = CHANNELS_FIRST,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features, self.eps, self.affine = num_features, eps, affine
+        self.layout = check_layout(layout)
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **factory), requires_grad=trainable_affine)
+            self.bias = nn.Parameter(torch.zeros(num_features, **factory), requires_grad=trainable_affine)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2 dimensions, got input of shape {tuple(input.shape)}")
+        cdim = channel_dim(self.layout, input.dim())
+        scale = (self.running_var + self.eps).rsqrt()
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -self.running_mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        return input * _broadcast(scale.to(input.dtype), input, cdim) + _broadcast(shift.to(input.dtype), input, cdim)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Checkpoints of frozen batch norm from other libraries often lack the counter.
+        state_dict.setdefault(prefix + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        trainable = self.weight is not None and self.weight.requires_grad
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}, trainable_affine={trainable}, " \
+            f"layout={self.layout}"

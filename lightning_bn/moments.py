@@ -1,0 +1,192 @@
+"""Sufficient statistics and the one reduction across processes.
+
+Every statistic in the package that crosses processes is built from sums (counts, sums, sums of
+squares, counts of zeros and of non-finite values) and maxima, reduced here and only here. A mean
+or a variance is computed after the reduction, never as a mean of per-process means.
+
+Two reductions:
+
+* :func:`all_reduce_sum` -- a differentiable sum over the process group (one ``all_reduce``), used by
+  synchronized batch norm so that gradients are exact.
+* :func:`reduce_across_processes` -- one collective over a flat buffer whose entries are reduced by
+  sum or by max (an ``all_gather``, then a local sum/max), used by recalibration and the monitor.
+
+Outside an initialized process group (or with one process) both return their input unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "COUNT",
+    "SUM",
+    "SUM_SQ",
+    "all_reduce_sum",
+    "channel_moments",
+    "accumulation_dtype",
+    "distributed_world_size",
+    "mean_var",
+    "reduce_across_processes",
+    "tensor_summary",
+    "summary_to_figures",
+    "SUMMARY_FIELDS",
+    "SUMMARY_MAX_FIELDS",
+]
+
+# Row indices of a (3, C) channel-moments tensor.
+COUNT, SUM, SUM_SQ = 0, 1, 2
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half and bfloat16 inputs accumulate in float32; float64 stays float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def distributed_world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Number of processes in ``group`` (1 when no process group is initialized)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def channel_moments(x: Tensor, channel_dim: int = 1, dtype: torch.dtype | None = None) -> Tensor:
+    """Per-channel count, sum and sum of squares of ``x`` as a ``(3, C)`` tensor.
+
+    Reduces over every dimension but ``channel_dim``. Differentiable. An empty ``x`` gives zeros.
+
+    Args:
+        x: any tensor with a channel dimension.
+        channel_dim: the channel dimension (1 for ``(N, C, *)``, -1 for ``(N, *, C)``).
+        dtype: accumulation dtype; by default float32 (float64 for float64 inputs).
+    """
+    dtype = dtype or accumulation_dtype(x.dtype)
+    channel_dim = channel_dim % x.dim()
+    num_channels = x.shape[channel_dim]
+    xc = x.to(dtype).movedim(channel_dim, -1).reshape(-1, num_channels)
+    count = torch.full((num_channels,), float(xc.shape[0]), dtype=dtype, device=x.device)
+    return torch.stack([count, xc.sum(0), (xc * xc).sum(0)])
+
+
+def mean_var(moments: Tensor, unbiased: bool = False, eps_count: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Mean and variance from ``(3, ...)`` moments (count, sum, sum of squares).
+
+    The variance is the pooled one: ``(sum_sq - sum**2 / n) / n`` (``n - 1`` when ``unbiased``), which by the
+    law of total variance includes the spread of the batch means. Channels with no data give 0 mean and 0
+    variance (never NaN).
+    """
+    count, total, total_sq = moments[COUNT], moments[SUM], moments[SUM_SQ]
+    safe = count.clamp_min(1.0)
+    mean = total / safe
+    sq_dev = (total_sq - total * mean).clamp_min(0.0)
+    denom = (count - 1.0).clamp_min(1.0) if unbiased else safe
+    return mean, sq_dev / denom
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the group in forward; the gradient of a sum over processes is the sum of the gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        grad = grad_output.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Differentiable sum of ``tensor`` over the processes of ``group``: one ``all_reduce``.
+
+    Every process must call it (a collective), also one whose batch is empty.
+    """
+    if distributed_world_size(group) == 1:
+        return tensor
+    return _AllReduceSum.apply(tensor, group)
+
+
+def reduce_across_processes(
+    buffer: Tensor, max_mask: Tensor | None = None, group: dist.ProcessGroup | None = None
+) -> Tensor:
+    """Reduce a flat buffer over processes in one collective: sum, or max where ``max_mask`` is true.
+
+    Not differentiable. Every process must call it with a buffer of the same shape.
+
+    Args:
+        buffer: a 1-d tensor (any float dtype) of sufficient statistics.
+        max_mask: a boolean tensor like ``buffer``; entries where it is true are reduced by max.
+        group: the process group (default: the world).
+    """
+    world = distributed_world_size(group)
+    if world == 1:
+        return buffer
+    if max_mask is None or not bool(max_mask.any()):
+        out = buffer.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+    # One collective for sums and maxima together: gather every process's buffer, reduce locally.
+    gathered = [torch.empty_like(buffer) for _ in range(world)]
+    dist.all_gather(gathered, buffer.detach().contiguous(), group=group)
+    stacked = torch.stack(gathered)
+    return torch.where(max_mask, stacked.amax(0), stacked.sum(0))
+
+
+# A tensor summary: what the monitor keeps of one activation or gradient tensor, as sums and maxima.
+SUMMARY_FIELDS = ("count", "sum", "sum_sq", "abs_max", "zeros", "nonfinite")
+SUMMARY_MAX_FIELDS = ("abs_max",)
+
+
+def tensor_summary(x: Tensor, zero_tol: float = 0.0, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Sufficient statistics of a whole tensor as a length-6 vector (see ``SUMMARY_FIELDS``).
+
+    Non-finite values are counted and left out of the sums and the maximum, so one NaN does not hide the
+    rest of the figures. ``zeros`` counts ``|x| <= zero_tol``.
+    """
+    x = x.detach()
+    finite = torch.isfinite(x)
+    xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device)).to(dtype)
+    count = finite.sum(dtype=dtype)
+    absx = xf.abs()
+    abs_max = absx.amax() if absx.numel() else torch.zeros((), dtype=dtype, device=x.device)
+    return torch.stack(
+        [
+            count,
+            xf.sum(),
+            (xf * xf).sum(),
+            abs_max,
+            ((absx <= zero_tol) & finite).sum(dtype=dtype),
+            (x.numel() - count).to(dtype),
+        ]
+    )
+
+
+def summary_to_figures(summary: Tensor) -> dict[str, Tensor]:
+    """Turn reduced summaries ``(..., 6)`` into mean, std, RMS, absolute max and the two fractions."""
+    count, total, total_sq, abs_max, zeros, nonfinite = summary.unbind(-1)
+    safe = count.clamp_min(1.0)
+    mean = total / safe
+    var = (total_sq / safe - mean * mean).clamp_min(0.0)
+    numel = (count + nonfinite).clamp_min(1.0)
+    return {
+        "mean": mean,
+        "std": var.sqrt(),
+        "rms": (total_sq / safe).sqrt(),
+        "abs_max": abs_max,
+        "frac_zero": zeros / numel,
+        "frac_nonfinite": nonfinite / numel,
+    }
+
+
+def max_mask_for(fields: Sequence[str], repeats: int, device: torch.device | None = None) -> Tensor:
+    """Boolean mask marking max-reduced entries of ``repeats`` summaries laid out one after another."""
+    one = torch.tensor([f in SUMMARY_MAX_FIELDS for f in fields], device=device)
+    return one.repeat(repeats)

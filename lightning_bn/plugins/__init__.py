@@ -1,0 +1,3 @@
+"""Lightning plugins."""
+
+__all__: list[str] = []
