@@ -5,7 +5,17 @@ batch norm on any backend), and watch per-layer statistics in TensorBoard and W&
 """
 
 from lightning_bn.layers import available_norms, build_norm, register_norm
+from lightning_bn.swap import declare_norm_layout, describe_norm, insert_norms, swap_norms
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "available_norms", "build_norm", "register_norm"]
+__all__ = [
+    "__version__",
+    "available_norms",
+    "build_norm",
+    "declare_norm_layout",
+    "describe_norm",
+    "insert_norms",
+    "register_norm",
+    "swap_norms",
+]

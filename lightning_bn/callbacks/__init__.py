@@ -1,3 +1,5 @@
 """Lightning callbacks: thin layers over the package's pure-PyTorch logic."""
 
-__all__: list[str] = []
+from lightning_bn.callbacks.norm_swap import NormSwap
+
+__all__: list[str] = ["NormSwap"]

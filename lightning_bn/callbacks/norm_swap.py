@@ -1,0 +1,180 @@
+"""NormSwap: put a normalization kind into any LightningModule at ``setup``, without rewriting the model."""
+
+from __future__ import annotations
+
+import importlib
+import weakref
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lightning_bn.layers import check_options, normalize_kind
+from lightning_bn.swap import SwapReport, format_report, insert_norms, swap_norms
+
+__all__ = ["NormSwap"]
+
+
+def _selector_to_state(selector: Any) -> Any:
+    """Classes become their import path so the settings can live in a checkpoint."""
+    if selector is None or isinstance(selector, str):
+        return selector
+    if isinstance(selector, type):
+        return f"class:{selector.__module__}.{selector.__qualname__}"
+    return [_selector_to_state(s) for s in selector]
+
+
+def _selector_from_state(state: Any) -> Any:
+    if state is None:
+        return None
+    if isinstance(state, str):
+        if state.startswith("class:"):
+            module, _, name = state[len("class:"):].rpartition(".")
+            return getattr(importlib.import_module(module), name)
+        return state
+    return [_selector_from_state(s) for s in state]
+
+
+class NormSwap(Callback):
+    """Swap (or insert) normalization layers of the LightningModule when the Trainer sets up.
+
+    Runs at ``setup`` for every stage, before optimizers exist and before a checkpoint is restored, so
+    ``trainer.fit(ckpt_path=...)``, ``validate``, ``test`` and ``predict`` all see the swapped model and the optimizer
+    holds the new parameters. A module is swapped once per callback, however many stages run. Rank zero prints a
+    table of what changed. The settings are saved in the checkpoint; :meth:`load_model` and
+    :meth:`apply_from_checkpoint` rebuild a swapped model outside the Trainer.
+
+    Args:
+        to: the target kind, one of :func:`lightning_bn.available_norms` (``"group"``, ``"layer"``, ``"none"`` ...).
+        include: module-name globs (``"model.layer2.*"``) or classes; only these layers change (default: all).
+        exclude: module-name globs or classes left alone.
+        insert: instead of swapping existing norms, insert a norm of kind ``to`` after every conv and linear layer
+            (for models with none; see :func:`lightning_bn.insert_norms`).
+        options: options of the target kind, e.g. ``{"num_groups": 8}`` (also accepted as keyword arguments).
+        verbose: print the table of changes on rank zero.
+
+    Raises:
+        ValueError: an unknown kind (the message lists the kinds) or options the kind does not take.
+
+    Example::
+
+        import lightning as L
+        from lightning_bn.callbacks import NormSwap
+        from examples.cnn import CNN, DigitsDataModule
+
+        trainer = L.Trainer(max_epochs=1, callbacks=[NormSwap(to="group", num_groups=8)])
+        trainer.fit(CNN(norm="batch"), DigitsDataModule())
+    """
+
+    def __init__(
+        self,
+        to: str = "batch",
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        insert: bool = False,
+        options: dict[str, Any] | None = None,
+        verbose: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.to = normalize_kind(to)
+        self.options = {**(options or {}), **kwargs}
+        check_options(self.to, self.options)
+        for arg, sel in (("include", include), ("exclude", exclude)):
+            items = [] if sel is None else [sel] if isinstance(sel, (str, type)) else list(sel)
+            if not all(isinstance(i, (str, type)) for i in items):
+                raise TypeError(f"`{arg}` takes module-name globs (str) or classes, got {sel!r}")
+        if not isinstance(insert, bool):
+            raise TypeError(f"`insert` must be a bool, got {insert!r}")
+        self.include, self.exclude, self.insert, self.verbose = include, exclude, insert, verbose
+        self.last_report: SwapReport | None = None
+        self._done: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            to=self.to, include=_selector_to_state(self.include), exclude=_selector_to_state(self.exclude),
+            insert=self.insert,
+        )
+
+    def apply(self, model: nn.Module) -> SwapReport:
+        """Swap (or insert) in ``model`` now, outside a Trainer. Returns the report of what changed."""
+        if self.insert:
+            return insert_norms(model, self.to, include=self.include, exclude=self.exclude, **self.options)
+        return swap_norms(model, self.to, include=self.include, exclude=self.exclude, **self.options)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if pl_module in self._done:
+            return
+        report = self.apply(pl_module)
+        self._done.add(pl_module)
+        self.last_report = report
+        if self.verbose:
+            action = "inserted" if self.insert else "swapped"
+            rank_zero_info(f"NormSwap({self.to!r}) {action} {len(report)} layer(s)\n{format_report(report)}")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "to": self.to,
+            "include": _selector_to_state(self.include),
+            "exclude": _selector_to_state(self.exclude),
+            "insert": self.insert,
+            "options": dict(self.options),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = (state_dict.get("to"), state_dict.get("options", {}), state_dict.get("insert", False))
+        if saved != (self.to, self.options, self.insert):
+            rank_zero_warn(
+                f"NormSwap settings in the checkpoint {saved} differ from this callback's "
+                f"{(self.to, self.options, self.insert)}; the model was built with this callback's settings."
+            )
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], verbose: bool = False) -> NormSwap:
+        """A callback with the settings saved by :meth:`state_dict`."""
+        return cls(
+            to=state["to"], include=_selector_from_state(state.get("include")),
+            exclude=_selector_from_state(state.get("exclude")), insert=state.get("insert", False),
+            options=state.get("options", {}), verbose=verbose,
+        )
+
+    @staticmethod
+    def _read_checkpoint(checkpoint: str | Path | dict[str, Any]) -> dict[str, Any]:
+        if isinstance(checkpoint, dict):
+            return checkpoint
+        return torch.load(checkpoint, map_location="cpu", weights_only=False)
+
+    @classmethod
+    def apply_from_checkpoint(cls, model: nn.Module, checkpoint: str | Path | dict[str, Any]) -> list[SwapReport]:
+        """Apply every NormSwap recorded in ``checkpoint`` to ``model`` (built as before the swap), in order.
+
+        Then ``model.load_state_dict(checkpoint["state_dict"])`` loads the trained weights.
+        """
+        ckpt = cls._read_checkpoint(checkpoint)
+        states = [s for k, s in ckpt.get("callbacks", {}).items() if k.startswith(cls.__qualname__ + "{")]
+        if not states:
+            raise ValueError("`checkpoint` holds no NormSwap settings (was the model trained with NormSwap?)")
+        return [cls.from_state(s).apply(model) for s in states]
+
+    @classmethod
+    def load_model(
+        cls, module_cls: type[pl.LightningModule], checkpoint: str | Path | dict[str, Any], **kwargs: Any
+    ) -> pl.LightningModule:
+        """Rebuild a swapped LightningModule from a checkpoint outside the Trainer.
+
+        Builds ``module_cls(**hyper_parameters, **kwargs)``, applies the recorded swaps and loads the weights.
+        """
+        ckpt = cls._read_checkpoint(checkpoint)
+        model = module_cls(**{**ckpt.get("hyper_parameters", {}), **kwargs})
+        cls.apply_from_checkpoint(model, ckpt)
+        model.load_state_dict(ckpt["state_dict"])
+        return model
