@@ -1,8 +1,8 @@
 """Normalization layers and the registry of kinds (pure PyTorch, no Lightning).
 
-Kinds: ``batch``, ``group``, ``layer``, ``instance``, ``rms``, ``batch_renorm``, ``ghost_batch``, ``frozen_batch``,
-``none``, and whatever :func:`register_norm` adds. Torch's own layers are used wherever they fit; the classes here
-cover what torch lacks.
+Kinds: ``batch``, ``sync_batch``, ``group``, ``layer``, ``instance``, ``rms``, ``batch_renorm``, ``ghost_batch``,
+``frozen_batch``, ``none``, and whatever :func:`register_norm` adds. Torch's own layers are used wherever they fit;
+the classes here cover what torch lacks.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from lightning_bn.layers._registry import (
     register_norm,
     unregister_norm,
 )
+from lightning_bn.layers._sync import SyncBatchNorm
 
 __all__ = [
     "CHANNELS_FIRST",
@@ -44,6 +45,7 @@ __all__ = [
     "InstanceNormNd",
     "LayerNormChannelsFirst",
     "RMSNormChannelsFirst",
+    "SyncBatchNorm",
     "available_norms",
     "build_norm",
     "channel_dim",

@@ -15,6 +15,15 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_bn.layers._layout import CHANNELS_FIRST, CHANNELS_LAST, channel_dim, check_layout
+from lightning_bn.moments import (
+    COUNT,
+    accumulation_dtype,
+    all_reduce_sum,
+    channel_moments,
+    distributed_world_size,
+    mean_var,
+    reduce_across_processes,
+)
 
 __all__ = ["BatchNormNd", "BatchNormChannelsLast", "BatchRenorm", "GhostBatchNorm", "FrozenBatchNorm"]
 
@@ -58,7 +67,15 @@ class BatchNormChannelsLast(_BatchNorm):
 
 
 class _LayoutBatchNorm(_BatchNorm):
-    """Shared by our batch-norm kinds that take a ``layout`` argument."""
+    """Shared by our batch-norm kinds that take a ``layout`` argument.
+
+    ``sync_stats`` and ``sync_group`` (class defaults: off, the world) switch on synchronization across processes:
+    :class:`lightning_bn.plugins.SyncNormPlugin` sets them on the instance for the duration of a fit and removes
+    them after. Each kind documents what it synchronizes.
+    """
+
+    sync_stats: bool = False
+    sync_group: Any = None
 
     def __init__(
         self,
@@ -101,6 +118,10 @@ class _LayoutBatchNorm(_BatchNorm):
     def _uses_batch_stats(self) -> bool:
         return self.training or not self.track_running_stats
 
+    def _synchronized(self) -> bool:
+        """True in training when synchronization is on and the group has more than one process."""
+        return self.training and self.sync_stats and distributed_world_size(self.sync_group) > 1
+
 
 class BatchRenorm(_LayoutBatchNorm):
     """Batch renormalization (Ioffe, 2017), channels-first or channels-last.
@@ -110,6 +131,8 @@ class BatchRenorm(_LayoutBatchNorm):
     ``sigma = sqrt(running_var + eps)`` are the running statistics. ``rmax`` rises linearly from 1 and ``dmax``
     from 0 to their final values over the first ``warmup_steps`` training batches (counted by
     ``num_batches_tracked``), so training starts as batch norm. In eval it is batch norm with running statistics.
+    With ``sync_stats`` on (see :class:`lightning_bn.plugins.SyncNormPlugin`) ``mu_B`` and ``sigma_B`` are those of
+    the union of every process's batch, reduced exactly and differentiably, as in ``SyncBatchNorm``.
 
     Args:
         num_features: channels ``C``.
@@ -152,10 +175,17 @@ class BatchRenorm(_LayoutBatchNorm):
         if not self.training:
             return self._eval_forward(input)
         cdim = channel_dim(self.layout, input.dim())
-        dims = [d for d in range(input.dim()) if d != cdim]
-        n = input.numel() // input.shape[cdim]
-        mean = input.mean(dims)
-        var = input.var(dims, unbiased=False)
+        if self._synchronized():
+            moments = all_reduce_sum(channel_moments(input, cdim), self.sync_group)
+            n: Any = moments[COUNT][0]
+            mean, var = (m.to(input.dtype) for m in mean_var(moments))
+            bessel = (n / (n - 1.0).clamp_min(1.0)).to(input.dtype)
+        else:
+            dims = [d for d in range(input.dim()) if d != cdim]
+            n = input.numel() // input.shape[cdim]
+            mean = input.mean(dims)
+            var = input.var(dims, unbiased=False)
+            bessel = n / max(n - 1, 1)
         std = (var + self.eps).sqrt()
         assert self.running_mean is not None and self.running_var is not None
         running_std = (self.running_var + self.eps).sqrt()
@@ -166,8 +196,8 @@ class BatchRenorm(_LayoutBatchNorm):
         x_hat = (input - _broadcast(mean, input, cdim)) * _broadcast(r / std, input, cdim) + _broadcast(d, input, cdim)
         if self.affine:
             x_hat = x_hat * _broadcast(self.weight, input, cdim) + _broadcast(self.bias, input, cdim)
-        self._update_running_stats(mean.detach(), var.detach() * n / max(n - 1, 1))
-        return x_hat
+        self._update_running_stats(mean.detach(), var.detach() * bessel)
+        return x_hat.to(input.dtype)  # float32 r, d and running stats would otherwise promote half input
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rmax={self.rmax}, dmax={self.dmax}, warmup_steps={self.warmup_steps}"
@@ -180,6 +210,11 @@ class GhostBatchNorm(_LayoutBatchNorm):
     its own statistics. The running statistics are updated once per forward with the average of the virtual
     batches' means and unbiased variances. Same ``state_dict`` keys as batch norm; in eval it is batch norm.
     With ``virtual_batch_size`` >= the batch size it equals batch norm.
+
+    With ``sync_stats`` on (see :class:`lightning_bn.plugins.SyncNormPlugin`) the virtual batches stay within each
+    process (each process's batch is cut as above) and the running statistics average the virtual batches of every
+    process, so they are identical everywhere; when each process's batch is a multiple of ``virtual_batch_size``
+    this is ghost batch norm on the union batch, exactly.
     """
 
     def __init__(
@@ -212,8 +247,20 @@ class GhostBatchNorm(_LayoutBatchNorm):
                 vars_.append(flat.var(dims, unbiased=False) * n / max(n - 1, 1))
             out = F.batch_norm(flat, None, None, self.weight, self.bias, True, 0.0, self.eps)
             outs.append(out.reshape(chunk.shape))
-        self._update_running_stats(torch.stack(means).mean(0), torch.stack(vars_).mean(0))
-        return torch.cat(outs, dim=0)
+        if self._synchronized():
+            # Sums over this process's virtual batches, then over every process's: one collective, on every process.
+            acc = accumulation_dtype(input.dtype)
+            local = torch.zeros(2 * self.num_features + 1, dtype=acc, device=input.device)
+            if means:
+                sums = [torch.stack(means).sum(0).to(acc), torch.stack(vars_).sum(0).to(acc)]
+                local = torch.cat([*sums, local.new_tensor([len(means)])])
+            total = reduce_across_processes(local, group=self.sync_group)
+            count = total[-1].clamp_min(1.0)
+            c = self.num_features
+            self._update_running_stats(total[:c] / count, total[c : 2 * c] / count)
+        else:
+            self._update_running_stats(torch.stack(means).mean(0), torch.stack(vars_).mean(0))
+        return torch.cat(outs, dim=0) if outs else input.clone()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"

@@ -17,6 +17,7 @@ from lightning_bn.layers._channel import (
     RMSNormChannelsFirst,
 )
 from lightning_bn.layers._layout import CHANNELS_FIRST, CHANNELS_LAST, check_layout
+from lightning_bn.layers._sync import SyncBatchNorm
 
 __all__ = ["build_norm", "register_norm", "available_norms", "normalize_kind", "NormFactory"]
 
@@ -33,6 +34,15 @@ def _batch(
 ) -> nn.Module:
     cls = BatchNormChannelsLast if layout == CHANNELS_LAST else _BATCH_FIRST.get(dims or 0, BatchNormNd)
     return cls(num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats)
+
+
+def _sync_batch(
+    num_features: int, layout: str, dims: int | None, eps: float = 1e-5, momentum: float | None = 0.1,
+    affine: bool = True, track_running_stats: bool = True, process_group: Any = None,
+) -> nn.Module:
+    return SyncBatchNorm(
+        num_features, eps, momentum, affine, track_running_stats, process_group=process_group, layout=layout
+    )
 
 
 def default_num_groups(num_channels: int, max_groups: int = 32) -> int:
@@ -104,6 +114,7 @@ def _none(num_features: int, layout: str, dims: int | None) -> nn.Module:
 
 _REGISTRY: dict[str, NormFactory] = {
     "batch": _batch,
+    "sync_batch": _sync_batch,
     "group": _group,
     "layer": _layer,
     "instance": _instance,
