@@ -1,5 +1,6 @@
 """Lightning callbacks: thin layers over the package's pure-PyTorch logic."""
 
+from lightning_bn.callbacks.layer_stats_monitor import LayerStatsMonitor
 from lightning_bn.callbacks.norm_swap import NormSwap
 
-__all__: list[str] = ["NormSwap"]
+__all__: list[str] = ["LayerStatsMonitor", "NormSwap"]

@@ -1,0 +1,429 @@
+"""LayerStatsMonitor: per-layer activation, gradient and batch-norm statistics on logging steps, exact under DDP."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lightning_bn.moments import distributed_world_size
+from lightning_bn.stats import (
+    ACTIVATION_GRAD_STATS,
+    ACTIVATION_STATS,
+    ALERT_KINDS,
+    AlertThresholds,
+    LayerStats,
+    LayerStatsCollector,
+    LogBins,
+    find_alerts,
+    select_modules,
+)
+
+__all__ = ["LayerStatsMonitor"]
+
+_BN_STATS = ("mean_shift", "var_shift", "running_spread", "frac_small_gamma")
+_PARAM_CHARTS = ("param/norm", "grad/norm", "grad/ratio", "update/ratio")
+
+
+def metric_charts(prefixes: Sequence[str] = ("",)) -> dict[str, list[str]]:
+    """One chart per statistic holding every layer's curve: ``{"act/std": ["^act/std/.*"], ...}``."""
+    names = [f"act/{s}" for s in ACTIVATION_STATS] + [f"act_in/{s}" for s in ACTIVATION_STATS]
+    names += [f"act_grad/{s}" for s in ACTIVATION_GRAD_STATS] + list(_PARAM_CHARTS)
+    names += [f"bn/{s}" for s in _BN_STATS] + ["alerts"]
+    charts: dict[str, list[str]] = {}
+    for prefix in prefixes:
+        for name in names:
+            charts[f"{prefix}{name}"] = [f"^{re.escape(prefix + name)}/.*"]
+    return charts
+
+
+def heatmap_matrix(
+    history: Sequence[tuple[int, dict[str, float]]], stat: str, order: Sequence[str]
+) -> tuple[np.ndarray, list[str], list[int]]:
+    """``(values, layers, steps)`` for a heatmap of ``stat`` (e.g. ``"act/std"``): layers x steps, NaN where absent.
+
+    Layers are those of ``order`` (forward order) that have the statistic at any step, then any others by name.
+    """
+    prefix = f"{stat}/"
+    present = {k[len(prefix) :] for _, scalars in history for k in scalars if k.startswith(prefix)}
+    layers = [name for name in order if name in present] + sorted(present - set(order))
+    values = np.full((len(layers), len(history)), np.nan)
+    for col, (_, scalars) in enumerate(history):
+        for row, name in enumerate(layers):
+            value = scalars.get(prefix + name)
+            if value is not None:
+                values[row, col] = value
+    return values, layers, [step for step, _ in history]
+
+
+def _check_every(name: str, value: int | None, allow_none: bool = True) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "a positive int or None" if allow_none else "a positive int"
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
+    return value
+
+
+class LayerStatsMonitor(Callback):
+    r"""Per-layer activation, gradient, parameter and batch-norm statistics, logged on logging steps.
+
+    Hooks exist only on logging steps (``global_step % log_every_n_steps == 0``, and on histogram steps) and fire on
+    no other step. Every figure is reduced from sufficient statistics in one collective per logging step and
+    brought to the host in one transfer, so activation figures are exact for the union of all processes' batches
+    (and of all micro-batches under gradient accumulation). Parameter gradients are read at the optimizer step,
+    after DDP averaging and mixed-precision unscaling; activation gradients are those of the loss DDP optimizes (the
+    mean of the processes' losses) and are unscaled by the AMP loss scale. Activation checkpointing: a forward
+    recomputed during the backward pass is not counted again. Rank zero writes to every attached logger through
+    :func:`lightning_bn.sinks.sinks_for_loggers` (scalars everywhere; on TensorBoard also a custom-scalars layout
+    with one chart per statistic, raw histograms and heatmap images; on W&B histograms and images).
+
+    Watched modules (default: every normalization, conv and linear layer) are chosen when training (or
+    validation) starts, after callbacks such as :class:`~lightning_bn.callbacks.NormSwap` changed the model.
+
+    Logged metrics (``<module>`` is a watched module's name, ``<param>`` one of its own parameters' names)::
+
+        act/mean/<module>             mean of the module's output (all floating tensors of a tuple/list/dict output)
+        act/std/<module>              standard deviation of the output
+        act/rms/<module>              root mean square of the output
+        act/abs_max/<module>          largest |value| of the output
+        act/frac_zero/<module>        fraction of output values with |x| <= zero_tol (dead units)
+        act/frac_nonfinite/<module>   fraction of NaN or Inf output values
+        act_in/<stat>/<module>        the same six statistics of a normalization layer's input
+        act_grad/rms/<module>         RMS of the gradient of the loss with respect to the output
+        act_grad/abs_max/<module>     largest |value| of that gradient
+        param/norm/<param>            ||w||
+        grad/norm/<param>             ||dL/dw|| at the optimizer step (averaged, unscaled)
+        grad/ratio/<param>            ||dL/dw|| / ||w||   (left out while ||w|| = 0)
+        update/ratio/<param>          ||w_after - w_before|| / ||w_before|| over the optimizer step
+        bn/mean_shift/<module>        mean over channels of |mu_batch - mu_running| / sqrt(var_running + eps)
+        bn/var_shift/<module>         mean over channels of |log((var_batch + eps) / (var_running + eps))|
+        bn/running_spread/<module>    mean over channels of the std across processes of the running mean
+                                      / sqrt(mean running var + eps) (0 on one process)
+        bn/frac_small_gamma/<module>  fraction of channels with |gamma| < gamma_tol
+        alerts/<kind>                 layers flagged on this step, kind in nonfinite, dead, std_collapse,
+                                      std_explode, grad_vanishing, grad_exploding
+        act/hist/<module>             (histogram steps) histogram of the output
+        param/hist/<param>            (histogram steps) histogram of the weights
+        grad/hist/<param>             (histogram steps) histogram of the gradients
+        heatmap/<stat>                (every heatmap_every_n_logs logs) image, layers x logged steps, for each
+                                      statistic in heatmap_stats, e.g. heatmap/act/std
+
+    With ``log_validation=True`` each validation epoch (not the sanity check) adds ``val_act/<stat>/<module>``,
+    ``val_act_in/<stat>/<module>``, ``val_bn/mean_shift/<module>``, ``val_bn/var_shift/<module>``,
+    ``val_bn/running_spread/<module>``, ``val_bn/frac_small_gamma/<module>`` and ``val_alerts/<kind>``, over every
+    validation batch, at ``trainer.global_step``. Batch-norm statistics compare the batch's mean and unbiased
+    variance (over the union of processes and micro-batches) with the running ones as they were before the step's
+    first forward. Scalars are logged at ``step`` = the optimizer step measured (``trainer.global_step`` before it).
+
+    Args:
+        log_every_n_steps: collect on optimizer steps ``0, n, 2n, ...``; default the trainer's ``log_every_n_steps``.
+        include: module classes and name globs to watch (e.g. ``[nn.Conv2d, "layer1.*"]``); default every
+            normalization, conv and linear layer.
+        exclude: classes and name globs not to watch.
+        activations: output (and normalization-input) statistics.
+        activation_grads: statistics of the gradient with respect to each output.
+        params: weight, gradient and update norms of the watched modules' own parameters.
+        batch_norm: batch-versus-running statistics of batch-norm layers.
+        histogram_every_n_steps: also histograms on steps ``0, n, 2n, ...``; None: never.
+        heatmap_every_n_logs: a heatmap per statistic every this many logging steps; None: never.
+        heatmap_stats: statistics drawn as heatmaps, among the ``<area>/<stat>`` names above.
+        heatmap_max_steps: columns kept for the heatmaps (the oldest are dropped).
+        log_validation: also collect over validation epochs (prefix ``val_``).
+        zero_tol: ``|x| <= zero_tol`` counts as zero.
+        gamma_tol: ``|gamma| < gamma_tol`` counts as a small batch-norm scale.
+        bins_per_decade: histogram resolution (log-magnitude bins from 1e-6 to 1e6, see
+            :class:`lightning_bn.stats.LogBins`).
+        alert_thresholds: :class:`lightning_bn.stats.AlertThresholds` (or a dict of its fields).
+        process_group: the group to reduce over (default: the world).
+
+    Raises:
+        ValueError: an ``*_every_n_*`` argument that is not a positive int (or None where allowed), an unknown
+            statistic in ``heatmap_stats``, a negative tolerance, or bad alert thresholds.
+        TypeError: an entry of ``include``/``exclude`` that is neither a module class nor a str.
+
+    Example::
+
+        import lightning as L
+        from lightning_bn.callbacks import LayerStatsMonitor
+
+        trainer = L.Trainer(max_steps=100, callbacks=[LayerStatsMonitor(log_every_n_steps=50)])
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        include: Sequence[type | str] | type | str | None = None,
+        exclude: Sequence[type | str] | type | str | None = None,
+        *,
+        activations: bool = True,
+        activation_grads: bool = True,
+        params: bool = True,
+        batch_norm: bool = True,
+        histogram_every_n_steps: int | None = None,
+        heatmap_every_n_logs: int | None = 50,
+        heatmap_stats: Sequence[str] = ("act/std", "act/frac_zero", "act_grad/rms"),
+        heatmap_max_steps: int = 200,
+        log_validation: bool = False,
+        zero_tol: float = 0.0,
+        gamma_tol: float = 1e-3,
+        bins_per_decade: int = 4,
+        alert_thresholds: AlertThresholds | dict[str, float] | None = None,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        self.log_every_n_steps = _check_every("log_every_n_steps", log_every_n_steps)
+        self.histogram_every_n_steps = _check_every("histogram_every_n_steps", histogram_every_n_steps)
+        self.heatmap_every_n_logs = _check_every("heatmap_every_n_logs", heatmap_every_n_logs)
+        self.heatmap_max_steps = _check_every("heatmap_max_steps", heatmap_max_steps, allow_none=False)
+        known = [c for c in metric_charts() if c != "alerts"]
+        if isinstance(heatmap_stats, str):
+            heatmap_stats = [heatmap_stats]
+        for stat in heatmap_stats:
+            if stat not in known:
+                raise ValueError(f"`heatmap_stats` takes statistics among {', '.join(known)}, got {stat!r}")
+        self.heatmap_stats = list(heatmap_stats)
+        if zero_tol < 0:
+            raise ValueError(f"`zero_tol` must be >= 0, got {zero_tol!r}")
+        if gamma_tol < 0:
+            raise ValueError(f"`gamma_tol` must be >= 0, got {gamma_tol!r}")
+        if isinstance(alert_thresholds, dict):
+            alert_thresholds = AlertThresholds(**alert_thresholds)
+        elif alert_thresholds is not None and not isinstance(alert_thresholds, AlertThresholds):
+            raise TypeError(f"`alert_thresholds` must be an AlertThresholds, a dict or None, got {alert_thresholds!r}")
+        self.alert_thresholds = alert_thresholds or AlertThresholds()
+        select_modules(nn.Module(), include, exclude)  # validates the selectors now, not at setup
+        self.include, self.exclude = include, exclude
+        self.activations, self.activation_grads = activations, activation_grads
+        self.params, self.batch_norm = params, batch_norm
+        self.log_validation = log_validation
+        self.zero_tol, self.gamma_tol = float(zero_tol), float(gamma_tol)
+        self.bins = LogBins(bins_per_decade)
+        self.process_group = process_group
+
+        # Results, readable on every rank (figures are computed on every rank, written on rank zero).
+        self.last_metrics: dict[str, float] = {}
+        self.last_stats: LayerStats | None = None
+        self.collected_steps: list[int] = []
+        self.hook_calls = 0
+        self.alert_counts: dict[str, int] = {kind: 0 for kind in ALERT_KINDS}
+        self.history: list[tuple[int, dict[str, float]]] = []
+        self._warned: set[str] = set()
+        self._train: LayerStatsCollector | None = None
+        self._val: LayerStatsCollector | None = None
+        self._step: int | None = None
+        self._stepped = False
+        self._loss_scale = 1.0
+        self._sinks: list[Any] | None = None
+        self._logs = 0
+
+    # ------------------------------------------------------------------ pure logic
+    @staticmethod
+    def should_collect(step: int, every: int | None, histogram_every: int | None) -> tuple[bool, bool]:
+        """``(collect, histograms)`` for optimizer step ``step``."""
+        hist = histogram_every is not None and step % histogram_every == 0
+        return hist or (every is not None and step % every == 0), hist
+
+    def _collector(self, pl_module: pl.LightningModule, validation: bool) -> LayerStatsCollector:
+        modules = select_modules(pl_module, self.include, self.exclude)
+        if not modules:
+            self._warn_once(
+                "no_modules",
+                f"LayerStatsMonitor watches no module of {type(pl_module).__name__} "
+                f"(include={self.include!r}, exclude={self.exclude!r}); nothing will be logged.",
+            )
+        compiled = [name for name, m in pl_module.named_modules() if hasattr(m, "_orig_mod")]
+        if compiled:
+            self._warn_once(
+                "compiled",
+                f"LayerStatsMonitor: {', '.join(compiled)} is compiled with torch.compile; hooks added after "
+                "compilation do not fire inside compiled code, so activation and activation-gradient figures of the "
+                "modules inside are missing; parameter figures still work. Leave the watched modules uncompiled "
+                "(or compile the whole model only in runs without the monitor).",
+            )
+        return LayerStatsCollector(
+            modules,
+            activations=self.activations,
+            activation_grads=self.activation_grads and not validation,
+            batch_norm=self.batch_norm,
+            params=self.params and not validation,
+            zero_tol=self.zero_tol,
+            gamma_tol=self.gamma_tol,
+            bins=self.bins,
+            prefix="val_" if validation else "",
+        )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message, category=UserWarning)
+
+    def _detach_all(self) -> None:
+        for collector in (self._train, self._val):
+            if collector is not None:
+                collector.detach()
+        self._step, self._stepped = None, False
+
+    # ------------------------------------------------------------------ training
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train = self._collector(pl_module, validation=False)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._train is None or self._train.attached:
+            return  # a later micro-batch of a step being collected
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        collect, hist = self.should_collect(trainer.global_step, every, self.histogram_every_n_steps)
+        if collect:
+            self._train.attach(histograms=hist)
+            self._step, self._stepped = trainer.global_step, False
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._train is None or not self._train.attached:
+            return
+        # Lightning calls this hook after the closure: gradients are averaged across processes and unscaled.
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._train.record_params(params)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        enabled = scaler is not None and (not hasattr(scaler, "is_enabled") or scaler.is_enabled())
+        self._loss_scale = float(scaler.get_scale()) if enabled else 1.0
+        self._stepped = True
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        collector = self._train
+        if collector is None or not collector.attached or not self._stepped:
+            return  # not collecting, or a micro-batch before the optimizer step
+        collector.record_updates()
+        collector.detach()
+        step = self._step if self._step is not None else trainer.global_step
+        self._step, self._stepped = None, False
+        world = distributed_world_size(self.process_group)
+        stats = collector.finalize(self.process_group, act_grad_scale=1.0 / (world * self._loss_scale))
+        self._after_collection(trainer, collector, stats, step, prefix="")
+
+    # ------------------------------------------------------------------ validation
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.log_validation or trainer.sanity_checking:
+            return
+        self._val = self._collector(pl_module, validation=True)
+        self._val.attach(histograms=False)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        collector = self._val
+        if collector is None or not collector.attached:
+            return
+        collector.detach()
+        stats = collector.finalize(self.process_group)
+        self._after_collection(trainer, collector, stats, trainer.global_step, prefix="val_")
+
+    # ------------------------------------------------------------------ cleanup
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._detach_all()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._detach_all()
+
+    # ------------------------------------------------------------------ writing
+    def _after_collection(
+        self, trainer: pl.Trainer, collector: LayerStatsCollector, stats: LayerStats, step: int, prefix: str
+    ) -> None:
+        self.hook_calls += collector.forwards
+        self.collected_steps.append(step)
+        if collector.forwards == 0 and collector.modules and self.activations:
+            self._warn_once(
+                "no_forward",
+                f"LayerStatsMonitor: no watched module ran a hooked forward on step {step}. Modules run inside "
+                "torch.compile'd code (compiled before the hooks were added) cannot be hooked; their activation "
+                "figures are missing.",
+            )
+        alerts = find_alerts(stats, self.alert_thresholds, prefix=prefix)
+        metrics = dict(stats.scalars)
+        for kind, layers in alerts.items():
+            metrics[f"{prefix}alerts/{kind}"] = float(len(layers))
+            if layers:
+                self.alert_counts[kind] = self.alert_counts.get(kind, 0) + 1
+                self._warn_once(f"alert_{kind}", _alert_message(kind, layers, step, prefix))
+        self.last_metrics, self.last_stats = metrics, stats
+        if not prefix:
+            self.history.append((step, stats.scalars))
+            del self.history[: -self.heatmap_max_steps]
+            self._logs += 1
+        if trainer.is_global_zero:
+            self._write(trainer, stats, metrics, step, heatmaps=not prefix)
+
+    def _write(
+        self, trainer: pl.Trainer, stats: LayerStats, metrics: dict[str, float], step: int, heatmaps: bool
+    ) -> None:
+        from lightning_bn.sinks import sinks_for_loggers
+
+        if self._sinks is None:
+            self._sinks = sinks_for_loggers(trainer.loggers)
+            charts = metric_charts(("", "val_") if self.log_validation else ("",))
+            for sink in self._sinks:
+                sink.set_layout(charts)
+        for sink in self._sinks:
+            sink.log_scalars(metrics, step)
+            for tag, (edges, counts) in stats.histograms.items():
+                sink.log_histogram(tag, edges, counts, step, exact=_finite(stats.histogram_exact.get(tag)))
+        every = self.heatmap_every_n_logs
+        if heatmaps and every is not None and self._logs % every == 0:
+            for stat in self.heatmap_stats:
+                values, layers, steps = heatmap_matrix(self.history, stat, stats.order)
+                if layers:
+                    for sink in self._sinks:
+                        sink.log_heatmap(f"heatmap/{stat}", values, layers, steps, step)
+        for sink in self._sinks:
+            sink.flush()
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"alert_counts": dict(self.alert_counts), "warned": sorted(self._warned), "logs": self._logs}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.alert_counts.update(state_dict.get("alert_counts", {}))
+        self._warned = set(state_dict.get("warned", []))
+        self._logs = int(state_dict.get("logs", 0))
+
+
+def _finite(exact: dict[str, float] | None) -> dict[str, float] | None:
+    if not exact:
+        return None
+    return {k: v for k, v in exact.items() if np.isfinite(v)} or None
+
+
+def _alert_message(kind: str, layers: list[str], step: int, prefix: str) -> str:
+    where = "validation" if prefix else f"step {step}"
+    first = layers[0]
+    text = {
+        "nonfinite": f"the first layer (in forward order) with NaN or Inf values is {first!r}",
+        "dead": f"over the dead-unit threshold of zeros: {', '.join(layers)}",
+        "std_collapse": f"activation std collapsed in {', '.join(layers)}",
+        "std_explode": f"activation std exploded in {', '.join(layers)}",
+        "grad_vanishing": "activation gradients vanish towards the input (first vs last watched layer)",
+        "grad_exploding": "activation gradients explode towards the input (first vs last watched layer)",
+    }[kind]
+    return f"LayerStatsMonitor alert `{prefix}alerts/{kind}` at {where}: {text}. (Warned once; counted in the metric.)"

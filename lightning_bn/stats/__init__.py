@@ -1,0 +1,39 @@
+"""Per-layer statistics collected on demand (pure PyTorch, no Lightning).
+
+* :func:`select_modules` -- which modules to watch (default: every normalization, conv and linear layer).
+* :class:`LayerStatsCollector` -- hooks that exist only between ``attach`` and ``detach`` and add sufficient
+  statistics to an on-device buffer; ``finalize`` reduces it across processes in one collective and transfers it once.
+* :class:`LogBins`, :func:`bin_counts` -- histograms binned on the device with edges shared by construction.
+* :func:`find_alerts` -- health alerts from a step's figures.
+"""
+
+from lightning_bn.stats._alerts import ALERT_KINDS, AlertThresholds, find_alerts
+from lightning_bn.stats._collector import (
+    ACTIVATION_GRAD_STATS,
+    ACTIVATION_STATS,
+    LayerStats,
+    LayerStatsCollector,
+    in_backward_pass,
+)
+from lightning_bn.stats._histogram import LogBins, bin_counts, histogram_edges, trim_histogram
+from lightning_bn.stats._select import DEFAULT_WATCH_TYPES, NORM_TYPES, has_batch_stats, is_norm, select_modules
+
+__all__ = [
+    "ACTIVATION_GRAD_STATS",
+    "ACTIVATION_STATS",
+    "ALERT_KINDS",
+    "AlertThresholds",
+    "DEFAULT_WATCH_TYPES",
+    "LayerStats",
+    "LayerStatsCollector",
+    "LogBins",
+    "NORM_TYPES",
+    "bin_counts",
+    "find_alerts",
+    "has_batch_stats",
+    "histogram_edges",
+    "in_backward_pass",
+    "is_norm",
+    "select_modules",
+    "trim_histogram",
+]

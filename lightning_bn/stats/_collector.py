@@ -1,0 +1,453 @@
+"""Collect per-layer statistics on demand into one on-device buffer; one reduction, one transfer to the host.
+
+A :class:`LayerStatsCollector` watches a fixed list of modules. Between :meth:`~LayerStatsCollector.attach` and
+:meth:`~LayerStatsCollector.detach` it holds forward hooks (and, on batch-norm layers, a forward pre-hook) that add
+sufficient statistics of each watched module's output, of a normalization layer's input, of the gradient with respect
+to the output (through a tensor hook) and of a batch-norm layer's batch to per-step accumulators on the device. Any
+number of forwards and backwards may run in between (gradient accumulation): the figures are those of their union.
+:meth:`~LayerStatsCollector.finalize` reduces everything across processes in one collective
+(:func:`lightning_bn.moments.reduce_across_processes`), brings it to the host in one transfer and turns it into
+figures. Outside ``attach``/``detach`` the model carries none of the collector's hooks.
+
+Activation checkpointing: a forward run while autograd executes a backward pass is a recomputation
+(``torch.utils.checkpoint``, reentrant or not); its output statistics are not counted again, but a gradient hook is
+still registered on it, because with reentrant checkpointing only the recomputed output is part of the graph. A
+gradient hook fires only for a tensor that takes part in the backward pass, so each gradient is counted once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_bn.moments import (
+    SUMMARY_FIELDS,
+    channel_moments,
+    mean_var,
+    reduce_across_processes,
+    summary_to_figures,
+    tensor_summary,
+)
+from lightning_bn.stats._histogram import LogBins, bin_counts, histogram_edges, trim_histogram
+from lightning_bn.stats._select import has_batch_stats, is_norm
+
+__all__ = ["LayerStats", "LayerStatsCollector", "ACTIVATION_STATS", "ACTIVATION_GRAD_STATS", "in_backward_pass"]
+
+ACTIVATION_STATS = ("mean", "std", "rms", "abs_max", "frac_zero", "frac_nonfinite")
+ACTIVATION_GRAD_STATS = ("rms", "abs_max")
+_NF = len(SUMMARY_FIELDS)
+_ABS_MAX = SUMMARY_FIELDS.index("abs_max")
+_OUT, _IN, _GRAD = 0, 1, 2  # summary kinds per module
+
+
+def in_backward_pass() -> bool:
+    """True while autograd runs a backward pass on this thread (a checkpointed forward is being recomputed)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
+def _float_tensors(obj: Any) -> Iterator[Tensor]:
+    """The floating-point tensors of a module output: a tensor, or those inside tuples, lists and dicts."""
+    if isinstance(obj, Tensor):
+        if obj.is_floating_point() or obj.is_complex():
+            yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _float_tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _float_tensors(item)
+
+
+@dataclass
+class LayerStats:
+    """Figures of one collection: scalars by metric key, histograms by tag, watched modules in forward order."""
+
+    scalars: dict[str, float] = field(default_factory=dict)
+    histograms: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    histogram_exact: dict[str, dict[str, float]] = field(default_factory=dict)  # true sum, sum_squares per tag
+    order: list[str] = field(default_factory=list)
+
+
+class LayerStatsCollector:
+    """Per-layer statistics of a list of modules, collected only while attached.
+
+    Args:
+        modules: ``(name, module)`` pairs to watch (see :func:`lightning_bn.stats.select_modules`).
+        activations: collect output (and normalization-input) statistics.
+        activation_grads: collect statistics of the gradient with respect to each output.
+        batch_norm: collect batch-versus-running statistics of batch-norm layers.
+        params: collect weight, gradient and update norms of the watched modules' own parameters.
+        zero_tol: a value with ``|x| <= zero_tol`` counts as zero (dead).
+        gamma_tol: a batch-norm scale with ``|gamma| < gamma_tol`` counts as small.
+        bins: histogram bins (used by ``attach(histograms=True)``).
+        dtype: accumulation dtype of the buffer (float64 keeps sums over many micro-batches exact).
+        prefix: put before every metric key (e.g. ``"val_"`` gives ``val_act/std/<module>``).
+
+    Raises:
+        ValueError: ``zero_tol`` or ``gamma_tol`` negative, or a module listed twice under different names.
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[tuple[str, nn.Module]],
+        *,
+        activations: bool = True,
+        activation_grads: bool = True,
+        batch_norm: bool = True,
+        params: bool = True,
+        zero_tol: float = 0.0,
+        gamma_tol: float = 1e-3,
+        bins: LogBins | None = None,
+        dtype: torch.dtype = torch.float64,
+        prefix: str = "",
+    ) -> None:
+        if zero_tol < 0:
+            raise ValueError(f"`zero_tol` must be >= 0, got {zero_tol!r}")
+        if gamma_tol < 0:
+            raise ValueError(f"`gamma_tol` must be >= 0, got {gamma_tol!r}")
+        seen: dict[int, str] = {}
+        for name, module in modules:
+            if id(module) in seen:
+                raise ValueError(f"`modules` lists one module twice, as {seen[id(module)]!r} and {name!r}")
+            seen[id(module)] = name
+        self.modules = list(modules)
+        self.names = [n for n, _ in self.modules]
+        self.activations, self.activation_grads = activations, activation_grads
+        self.batch_norm, self.params = batch_norm, params
+        self.zero_tol, self.gamma_tol = float(zero_tol), float(gamma_tol)
+        self.bins = bins or LogBins()
+        self.dtype = dtype
+        self.prefix = prefix
+        self.is_norm = [is_norm(m) for _, m in self.modules]
+        self.bn_index = [i for i, (_, m) in enumerate(self.modules) if has_batch_stats(m)]
+        self.param_list: list[tuple[str, nn.Parameter]] = []
+        seen_params: set[int] = set()
+        for name, module in self.modules:
+            for pname, p in module.named_parameters(recurse=False):
+                if id(p) not in seen_params:
+                    seen_params.add(id(p))
+                    self.param_list.append((f"{name}.{pname}" if name else pname, p))
+        self._handles: list[Any] = []
+        self.histograms = False
+        self._reset()
+
+    # ------------------------------------------------------------------ state
+    def _reset(self) -> None:
+        self._slots: list[int] = []
+        self._summaries: list[Tensor] = []
+        self._hist: dict[int, Tensor] = {}
+        self._bn_moments: dict[int, Tensor] = {}
+        self._bn_running: dict[int, Tensor] = {}
+        self._order: list[int] = []
+        self._ordered: set[int] = set()
+        self._weight_norm: dict[int, Tensor] = {}
+        self._grad_norm: dict[int, Tensor] = {}
+        self._grad_abs_max: dict[int, Tensor] = {}
+        self._update_norm: dict[int, Tensor] = {}
+        self._before: dict[int, Tensor] = {}
+        self._param_hist: dict[tuple[str, int], Tensor] = {}
+        self.forwards = 0  # forward hook calls counted this collection (for tests and diagnostics)
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def num_hooks(self) -> int:
+        """Module hooks this collector holds now (0 when detached)."""
+        return len(self._handles)
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self, histograms: bool = False) -> None:
+        """Register the hooks and start a fresh collection.
+
+        Raises:
+            RuntimeError: already attached.
+        """
+        if self.attached:
+            raise RuntimeError("LayerStatsCollector.attach() called while already attached; call detach() first")
+        self._reset()
+        self.histograms = bool(histograms)
+        try:
+            for i, (_, module) in enumerate(self.modules):
+                if self.batch_norm and i in self.bn_index:
+                    self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(i)))
+                self._handles.append(module.register_forward_hook(self._make_hook(i)))
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        """Remove every hook (idempotent). The collected figures stay until the next ``attach``."""
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+    def _make_pre_hook(self, i: int) -> Any:
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            if i not in self._bn_running and not in_backward_pass():
+                self._bn_running[i] = torch.cat([module.running_mean, module.running_var]).detach().to(self.dtype)
+
+        return pre_hook
+
+    def _make_hook(self, i: int) -> Any:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            recomputed = in_backward_pass()
+            outputs = list(_float_tensors(output))
+            if not recomputed:
+                self.forwards += 1
+                if i not in self._ordered:
+                    self._ordered.add(i)
+                    self._order.append(i)
+                if self.activations:
+                    for t in outputs:
+                        self._add_summary(3 * i + _OUT, t)
+                        if self.histograms:
+                            self._add_hist(i, t)
+                    if self.is_norm[i] and args and isinstance(args[0], Tensor):
+                        self._add_summary(3 * i + _IN, args[0])
+                if self.batch_norm and i in self._bn_running and args and isinstance(args[0], Tensor):
+                    self._add_bn_moments(i, module, args[0])
+            if self.activation_grads:
+                for t in outputs:
+                    if t.requires_grad:
+                        t.register_hook(self._make_grad_hook(i))
+
+        return hook
+
+    def _make_grad_hook(self, i: int) -> Any:
+        slot = 3 * i + _GRAD
+
+        def grad_hook(grad: Tensor) -> None:
+            self._add_summary(slot, grad)
+
+        return grad_hook
+
+    def _add_summary(self, slot: int, t: Tensor) -> None:
+        self._slots.append(slot)
+        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32  # cheap; cast when stacked
+        self._summaries.append(tensor_summary(t, self.zero_tol, dtype=dtype))
+
+    def _add_hist(self, i: int, t: Tensor) -> None:
+        counts = bin_counts(t, self.bins, self.dtype)
+        self._hist[i] = counts if i not in self._hist else self._hist[i] + counts
+
+    def _add_bn_moments(self, i: int, module: nn.Module, x: Tensor) -> None:
+        layout = getattr(module, "layout", "channels_first")
+        cdim = 1 if layout == "channels_first" else -1
+        if x.dim() < 2 or x.shape[cdim] != module.running_mean.numel():
+            return
+        moments = channel_moments(x.detach(), cdim).to(self.dtype)
+        self._bn_moments[i] = moments if i not in self._bn_moments else self._bn_moments[i] + moments
+
+    # ------------------------------------------------------------------ parameters
+    def record_params(self, params: Iterable[Tensor] | None = None, histograms: bool | None = None) -> None:
+        """At the optimizer step (gradients averaged and unscaled): weight and gradient norms, weight snapshot.
+
+        Args:
+            params: only these parameters (e.g. those of the optimizer stepping now); default every watched one.
+            histograms: also bin weights and gradients (default: as chosen at ``attach``).
+        """
+        if not self.params:
+            return
+        wanted = None if params is None else {id(p) for p in params}
+        hist = self.histograms if histograms is None else histograms
+        with torch.no_grad():
+            for k, (_, p) in enumerate(self.param_list):
+                if wanted is not None and id(p) not in wanted:
+                    continue
+                self._weight_norm[k] = torch.linalg.vector_norm(p.detach(), dtype=self.dtype)
+                self._before[k] = p.detach().clone()
+                if hist:
+                    self._param_hist[("param", k)] = bin_counts(p, self.bins, self.dtype)
+                if p.grad is not None:
+                    g = p.grad.detach()
+                    self._grad_norm[k] = torch.linalg.vector_norm(g, dtype=self.dtype)
+                    self._grad_abs_max[k] = g.abs().amax().to(self.dtype) if g.numel() else self._grad_norm[k]
+                    if hist:
+                        self._param_hist[("grad", k)] = bin_counts(g, self.bins, self.dtype)
+
+    def record_updates(self) -> None:
+        """After the optimizer step: ``||w_after - w_before||`` for each parameter snapshotted by ``record_params``."""
+        with torch.no_grad():
+            for k, before in self._before.items():
+                p = self.param_list[k][1].detach()
+                self._update_norm[k] = torch.linalg.vector_norm(p - before, dtype=self.dtype)
+        self._before = {}
+
+    # ------------------------------------------------------------------ reduction
+    def _device(self) -> torch.device:
+        for t in self._summaries:
+            return t.device
+        for _, m in self.modules:
+            for t in m.parameters(recurse=False):
+                return t.device
+            for t in m.buffers(recurse=False):
+                return t.device
+        return torch.device("cpu")
+
+    def finalize(
+        self, group: dist.ProcessGroup | None = None, act_grad_scale: float = 1.0, reduce: bool = True
+    ) -> LayerStats:
+        """Reduce across processes (one collective), transfer once, and compute the figures.
+
+        Every process of ``group`` must call it (also one that saw no data). Keeps the hooks as they are.
+
+        Args:
+            group: the process group (default: the world).
+            act_grad_scale: multiplies activation gradients, e.g. ``1 / (world_size * loss_scale)`` so they are the
+                gradients of the loss DDP optimizes (the mean of the processes' losses), unscaled.
+            reduce: reduce across processes (false: this process's figures only).
+        """
+        dev, dt = self._device(), self.dtype
+        n_mod = len(self.modules)
+        summ = torch.zeros(3 * n_mod, _NF, dtype=dt, device=dev)
+        if self._summaries:
+            stacked = torch.stack([s.to(dev, dt) for s in self._summaries])
+            index = torch.tensor(self._slots, device=dev)
+            summ = summ.index_add(0, index, stacked)
+            amax = torch.zeros(3 * n_mod, dtype=dt, device=dev).scatter_reduce(
+                0, index, stacked[:, _ABS_MAX], "amax", include_self=True
+            )
+            summ[:, _ABS_MAX] = amax
+        parts = [summ.reshape(-1)]
+        mask = [torch.zeros(3 * n_mod, _NF, dtype=torch.bool, device=dev)]
+        mask[0][:, _ABS_MAX] = True
+        bn_sizes = []
+        for i in self.bn_index if self.batch_norm else []:
+            m = self.modules[i][1]
+            c = m.running_mean.numel()
+            bn_sizes.append(c)
+            moments = self._bn_moments.get(i, torch.zeros(3, c, dtype=dt, device=dev))
+            snapshot = self._bn_running.get(i, torch.zeros(2 * c, dtype=dt, device=dev))
+            seen = torch.ones(1, dtype=dt, device=dev) * float(i in self._bn_moments)
+            rm, rv = m.running_mean.detach().to(dev, dt), m.running_var.detach().to(dev, dt)
+            parts += [moments.reshape(-1), snapshot * seen, rm, rm * rm, rv, seen, torch.ones(1, dtype=dt, device=dev)]
+        hist_mods = list(range(n_mod)) if (self.histograms and self.activations) else []
+        nb = self.bins.num_bins
+        for i in hist_mods:
+            parts.append(self._hist.get(i, torch.zeros(nb, dtype=dt, device=dev)))
+        reduced = torch.cat(parts)
+        max_mask = torch.cat([mask[0].reshape(-1), torch.zeros(reduced.numel() - 3 * n_mod * _NF, dtype=torch.bool,
+                                                               device=dev)])
+        if reduce:
+            reduced = reduce_across_processes(reduced, max_mask, group)
+
+        # Local part: parameters are the same on every process (DDP) and their gradients already averaged.
+        n_par = len(self.param_list)
+        local = []
+        param_keys = sorted(self._weight_norm)
+        grad_keys = sorted(self._grad_norm)
+        update_keys = sorted(self._update_norm)
+        for keys, store in ((param_keys, self._weight_norm), (grad_keys, self._grad_norm),
+                            (grad_keys, self._grad_abs_max), (update_keys, self._update_norm)):
+            if keys:
+                local.append(torch.stack([store[k].to(dev, dt) for k in keys]))
+        gamma_bns = [i for i in (self.bn_index if self.batch_norm else []) if self.modules[i][1].weight is not None]
+        for i in gamma_bns:
+            w = self.modules[i][1].weight.detach()
+            local.append((w.abs() < self.gamma_tol).sum().to(dt).reshape(1))
+        hist_keys = sorted(self._param_hist)
+        for key in hist_keys:
+            local.append(self._param_hist[key])
+            if key[0] == "param":
+                local.append(self.param_list[key[1]][1].detach().abs().amax().to(dt).reshape(1))
+        full = torch.cat([reduced] + [t.reshape(-1).to(dev, dt) for t in local]) if local else reduced
+        host = full.cpu().numpy()  # the one transfer to the host
+
+        out = LayerStats(order=[self.names[i] for i in self._order])
+        pre = self.prefix
+        pos = 3 * n_mod * _NF
+        table = host[:pos].reshape(3 * n_mod, _NF).copy()
+        grad_rows = slice(_GRAD, None, 3)
+        s = float(act_grad_scale)
+        table[grad_rows, SUMMARY_FIELDS.index("sum")] *= s
+        table[grad_rows, SUMMARY_FIELDS.index("sum_sq")] *= s * s
+        table[grad_rows, _ABS_MAX] *= abs(s)
+        figs = {k: v.numpy() for k, v in summary_to_figures(torch.from_numpy(table)).items()}
+        seen_rows = table[:, 0] + table[:, SUMMARY_FIELDS.index("nonfinite")] > 0
+        for i, name in enumerate(self.names):
+            if self.activations and seen_rows[3 * i + _OUT]:
+                for stat in ACTIVATION_STATS:
+                    out.scalars[f"{pre}act/{stat}/{name}"] = float(figs[stat][3 * i + _OUT])
+            if self.activations and self.is_norm[i] and seen_rows[3 * i + _IN]:
+                for stat in ACTIVATION_STATS:
+                    out.scalars[f"{pre}act_in/{stat}/{name}"] = float(figs[stat][3 * i + _IN])
+            if self.activation_grads and seen_rows[3 * i + _GRAD]:
+                for stat in ACTIVATION_GRAD_STATS:
+                    out.scalars[f"{pre}act_grad/{stat}/{name}"] = float(figs[stat][3 * i + _GRAD])
+        abs_max_out = table[_OUT::3, _ABS_MAX]
+
+        for i, c in zip(self.bn_index if self.batch_norm else [], bn_sizes):
+            m, name = self.modules[i][1], self.names[i]
+            chunk = host[pos : pos + 3 * c + 2 * c + 3 * c + 2]
+            pos += 3 * c + 2 * c + 3 * c + 2
+            moments = torch.from_numpy(chunk[: 3 * c].reshape(3, c))
+            snapshot = chunk[3 * c : 5 * c]
+            rm_sum, rm_sq, rv_sum = chunk[5 * c : 6 * c], chunk[6 * c : 7 * c], chunk[7 * c : 8 * c]
+            seen, procs = chunk[8 * c], chunk[8 * c + 1]
+            eps = float(getattr(m, "eps", 1e-5))
+            rm_mean, rv_mean = rm_sum / procs, rv_sum / procs
+            rm_var = np.clip(rm_sq / procs - rm_mean * rm_mean, 0.0, None)
+            out.scalars[f"{pre}bn/running_spread/{name}"] = float(np.mean(np.sqrt(rm_var) / np.sqrt(rv_mean + eps)))
+            if seen > 0:
+                mu_b, var_b = (t.numpy() for t in mean_var(moments, unbiased=True))
+                ref_mean, ref_var = snapshot[:c] / seen, snapshot[c:] / seen
+                sigma = np.sqrt(ref_var + eps)
+                out.scalars[f"{pre}bn/mean_shift/{name}"] = float(np.mean(np.abs(mu_b - ref_mean) / sigma))
+                out.scalars[f"{pre}bn/var_shift/{name}"] = float(
+                    np.mean(np.abs(np.log((var_b + eps) / (ref_var + eps))))
+                )
+        for i in hist_mods:
+            counts = host[pos : pos + nb]
+            pos += nb
+            if counts.sum() > 0:
+                edges = histogram_edges(self.bins, float(abs_max_out[i]))
+                tag = f"{pre}act/hist/{self.names[i]}"
+                out.histograms[tag] = trim_histogram(edges, counts)
+                row = table[3 * i + _OUT]
+                out.histogram_exact[tag] = {"sum": float(row[1]), "sum_squares": float(row[2])}
+
+        # local part
+        def take(n: int) -> np.ndarray:
+            nonlocal pos
+            chunk = host[pos : pos + n]
+            pos += n
+            return chunk
+
+        w_norm = dict(zip(param_keys, take(len(param_keys))))
+        g_norm = dict(zip(grad_keys, take(len(grad_keys))))
+        g_abs = dict(zip(grad_keys, take(len(grad_keys))))  # gradient maxima: outer histogram edges
+        u_norm = dict(zip(update_keys, take(len(update_keys))))
+        for k in range(n_par):
+            pname = self.param_list[k][0]
+            if k in w_norm:
+                out.scalars[f"{pre}param/norm/{pname}"] = float(w_norm[k])
+            if k in g_norm:
+                out.scalars[f"{pre}grad/norm/{pname}"] = float(g_norm[k])
+                if w_norm.get(k, 0.0) > 0:  # a ratio to a zero weight (a bias at init) is left out, not inf
+                    out.scalars[f"{pre}grad/ratio/{pname}"] = float(g_norm[k] / w_norm[k])
+            if k in u_norm and w_norm.get(k, 0.0) > 0:
+                out.scalars[f"{pre}update/ratio/{pname}"] = float(u_norm[k] / w_norm[k])
+        for i in gamma_bns:
+            small = take(1)[0]
+            out.scalars[f"{pre}bn/frac_small_gamma/{self.names[i]}"] = float(small / self.modules[i][1].weight.numel())
+        for key in hist_keys:
+            counts = take(nb)
+            kind, k = key
+            if kind == "param":
+                abs_max = take(1)[0]
+            else:
+                abs_max = g_abs[k]
+            if counts.sum() > 0:
+                out.histograms[f"{pre}{kind}/hist/{self.param_list[k][0]}"] = trim_histogram(
+                    histogram_edges(self.bins, float(abs_max)), counts
+                )
+        return out
+
