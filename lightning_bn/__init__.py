@@ -5,6 +5,7 @@ batch norm on any backend), and watch per-layer statistics in TensorBoard and W&
 """
 
 from lightning_bn.layers import available_norms, build_norm, register_norm
+from lightning_bn.recalibrate import recalibrate_bn
 from lightning_bn.swap import declare_norm_layout, describe_norm, insert_norms, swap_norms
 
 __version__ = "0.1.0"
@@ -16,6 +17,7 @@ __all__ = [
     "declare_norm_layout",
     "describe_norm",
     "insert_norms",
+    "recalibrate_bn",
     "register_norm",
     "swap_norms",
 ]

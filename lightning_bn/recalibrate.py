@@ -1,0 +1,583 @@
+"""Exact population statistics for batch-norm running buffers (pure PyTorch, no Lightning).
+
+Running statistics are an exponential moving average of batch statistics taken while the weights moved, so at the
+end of training they lag the model (Wu & Johnson, 2021), and under DDP every process holds different ones.
+:func:`recalibrate_bn` replaces them with the statistics of the population of inputs each batch-norm layer sees on
+the given batches: per-channel counts, sums and sums of squares accumulated in float64, reduced across processes in
+one collective (:func:`lightning_bn.moments.reduce_across_processes`), then turned into the mean and the unbiased
+variance (the law of total variance, so the spread of the batch means is included). Every process ends with
+identical buffers, equal to the statistics of the union of all processes' data.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_bn.layers import CHANNELS_FIRST, channel_dim, tracks_running_stats
+from lightning_bn.moments import COUNT, channel_moments, mean_var, reduce_across_processes
+
+__all__ = [
+    "LayerRecalibration",
+    "RecalibrationReport",
+    "default_forward",
+    "move_to_device",
+    "recalibratable_layers",
+    "recalibrate_bn",
+]
+
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+@dataclass(frozen=True)
+class LayerRecalibration:
+    """What recalibration changed in one batch-norm layer.
+
+    Attributes:
+        name: the layer's name in the model (``model.named_modules()``).
+        num_values: values per channel the statistics were computed from, summed over processes (batch items times
+            spatial positions or tokens; the same for every channel).
+        mean_shift: how far the old running mean was from the population mean, in units of the population standard
+            deviation, averaged over channels: ``mean(|old_mean - mean| / sqrt(var + eps))``.
+        var_shift: relative change of the variance, averaged over channels: ``mean(|old_var - var| / (var + eps))``.
+    """
+
+    name: str
+    num_values: int
+    mean_shift: float
+    var_shift: float
+
+
+@dataclass
+class RecalibrationReport:
+    """The result of :func:`recalibrate_bn`: one :class:`LayerRecalibration` per recomputed layer.
+
+    Attributes:
+        layers: recomputed layers by name, in model order.
+        skipped: layers left as they were, by name, with the reason (frozen, ``track_running_stats=False``, not
+            selected, saw no input).
+        num_batches: batches that went through the model, summed over processes.
+        num_passes: passes over the batches (1, or one per batch-norm depth level with ``exact_eval``).
+    """
+
+    layers: dict[str, LayerRecalibration] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    num_batches: int = 0
+    num_passes: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        """``bn/recal_mean_shift/<layer>`` and ``bn/recal_var_shift/<layer>`` for every recomputed layer."""
+        out: dict[str, float] = {}
+        for name, layer in self.layers.items():
+            out[f"bn/recal_mean_shift/{name}"] = layer.mean_shift
+            out[f"bn/recal_var_shift/{name}"] = layer.var_shift
+        return out
+
+    def __str__(self) -> str:
+        width = max([len("layer")] + [len(n) for n in self.layers] + [len(n) for n in self.skipped])
+        lines = [
+            f"Batch-norm recalibration: {len(self.layers)} layer(s) from {self.num_batches} batch(es) "
+            f"in {self.num_passes} pass(es)",
+            f"  {'layer':<{width}}  {'values/channel':>14}  {'mean shift':>10}  {'var shift':>10}",
+        ]
+        for name, layer in self.layers.items():
+            lines.append(
+                f"  {name:<{width}}  {layer.num_values:>14}  {layer.mean_shift:>10.4g}  {layer.var_shift:>10.4g}"
+            )
+        for name, reason in self.skipped.items():
+            lines.append(f"  {name:<{width}}  skipped: {reason}")
+        return "\n".join(lines)
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in ``batch`` (nested lists, tuples, named tuples and mappings) to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: move_to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch
+
+
+def _check_call(model: nn.Module, batch: Any, args: tuple, kwargs: dict, how: str) -> None:
+    try:
+        inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as err:
+        raise TypeError(
+            f"recalibrate_bn cannot feed a batch of type {type(batch).__name__} to "
+            f"{type(model).__name__}.forward as {how}: {err}. Pass `forward=lambda model, batch: ...` to say how."
+        ) from None
+    except ValueError:  # no signature to check (some builtins): let the call decide
+        pass
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """Feed ``batch`` to ``model``: a tensor as ``model(batch)``, a tuple or list by its first tensor, a mapping as
+    ``model(**batch)``.
+
+    Raises:
+        TypeError: any other batch, a tuple or list without a tensor, or a batch the model's ``forward`` does not
+            accept; the message says to pass ``forward``.
+    """
+    if isinstance(batch, Tensor):
+        return model(batch)
+    if isinstance(batch, (list, tuple)):
+        first = next((item for item in batch if isinstance(item, Tensor)), None)
+        if first is None:
+            raise TypeError(
+                f"recalibrate_bn's default forward feeds a tuple or list batch by its first tensor, but this "
+                f"{type(batch).__name__} holds none (types: {[type(i).__name__ for i in batch]}). "
+                f"Pass `forward=lambda model, batch: ...` to say how to feed it."
+            )
+        _check_call(model, batch, (first,), {}, "model(batch[<first tensor>])")
+        return model(first)
+    if isinstance(batch, Mapping):
+        _check_call(model, batch, (), dict(batch), f"model(**batch) with keys {sorted(map(str, batch))}")
+        return model(**batch)
+    raise TypeError(
+        f"recalibrate_bn's default forward takes batches that are a tensor, a tuple or list (fed by its first "
+        f"tensor) or a mapping (fed as keyword arguments), got {type(batch).__name__}. "
+        f"Pass `forward=lambda model, batch: ...` to say how to feed it."
+    )
+
+
+def recalibratable_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    """The layers :func:`recalibrate_bn` recomputes by default: batch norm of any kind with running statistics."""
+    return [(name, m) for name, m in model.named_modules() if tracks_running_stats(m)]  # type: ignore[misc]
+
+
+def _select(model: nn.Module, modules: Iterable[str | nn.Module] | None) -> tuple[dict[str, _BatchNorm], dict]:
+    """Layers to recompute, by name in model order, and the batch-norm layers skipped with the reason."""
+    named = dict(model.named_modules())
+    skipped: dict[str, str] = {}
+    for name, m in named.items():
+        if isinstance(m, _BatchNorm) and not tracks_running_stats(m):
+            skipped[name] = "track_running_stats=False"
+        elif not isinstance(m, _BatchNorm) and type(m).__name__.startswith("FrozenBatchNorm"):
+            skipped[name] = "frozen batch norm"
+    candidates = dict(recalibratable_layers(model))
+    if modules is None:
+        return candidates, skipped
+    if isinstance(modules, (str, nn.Module)):
+        modules = [modules]
+    by_id = {id(m): n for n, m in named.items()}
+    wanted: set[str] = set()
+    for item in modules:
+        if isinstance(item, str):
+            name = item
+            if name not in named:
+                raise ValueError(
+                    f"`modules` names {item!r}, which is not a module of the model; the layers that can be "
+                    f"recalibrated are: {', '.join(candidates) or 'none'}"
+                )
+        elif isinstance(item, nn.Module):
+            if id(item) not in by_id:
+                raise ValueError(f"`modules` holds a {type(item).__name__} that is not part of the model")
+            name = by_id[id(item)]
+        else:
+            raise TypeError(f"`modules` must hold module names or modules, got {type(item).__name__}: {item!r}")
+        if name not in candidates:
+            raise ValueError(
+                f"`modules` selects {name!r} ({type(named[name]).__name__}), which is not a batch-norm layer with "
+                f"running statistics; the layers that can be recalibrated are: {', '.join(candidates) or 'none'}"
+            )
+        wanted.add(name)
+    for name in candidates:
+        if name not in wanted:
+            skipped[name] = "not selected by `modules`"
+    return {n: m for n, m in candidates.items() if n in wanted}, skipped
+
+
+class _Probe:
+    """Finds which batch-norm layers feed which, from one batch: each layer's output is cut from the graph and
+    marked as a leaf that requires grad, so the graph of a later layer's input leads back to exactly the batch-norm
+    outputs it depends on."""
+
+    def __init__(self) -> None:
+        self.leaf_owner: dict[int, str] = {}
+        self.leaves: list[Tensor] = []  # keeps the marked tensors alive so their ids stay unique
+        self.edges: dict[str, set[str]] = {}
+        self.active = True
+
+    def stop(self) -> None:
+        self.active = False
+        self.leaves.clear()
+        self.leaf_owner.clear()
+
+    def upstream(self, x: Tensor) -> set[str]:
+        found: set[str] = set()
+        if x.grad_fn is None:
+            if x.requires_grad and id(x) in self.leaf_owner:
+                found.add(self.leaf_owner[id(x)])
+            return found
+        stack, seen = [x.grad_fn], set()
+        while stack:
+            fn = stack.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            variable = getattr(fn, "variable", None)
+            if variable is not None and id(variable) in self.leaf_owner:
+                found.add(self.leaf_owner[id(variable)])
+            stack.extend(next_fn for next_fn, _ in fn.next_functions)
+        return found
+
+    def record(self, name: str, x: Tensor, out: Tensor) -> Tensor:
+        self.edges.setdefault(name, set()).update(self.upstream(x) - {name})
+        leaf = out.detach().requires_grad_()
+        self.leaf_owner[id(leaf)] = name
+        self.leaves.append(leaf)
+        return leaf.clone()  # not a leaf, so an in-place op after the layer (ReLU(inplace=True)) stays legal
+
+    def levels(self, names: Sequence[str]) -> dict[str, int]:
+        """Depth of each layer: 0 when no batch-norm layer feeds it, else 1 + the depth of its deepest feeder."""
+        memo: dict[str, int] = {}
+
+        def depth(name: str, path: frozenset[str]) -> int:
+            if name in memo:
+                return memo[name]
+            feeders = [u for u in self.edges.get(name, ()) if u not in path]
+            memo[name] = 1 + max((depth(u, path | {name}) for u in feeders), default=-1)
+            return memo[name]
+
+        return {n: depth(n, frozenset()) if n in self.edges else -1 for n in names}
+
+
+def _batch_stat_forward(module: _BatchNorm, name: str, sink: Tensor | None, probe: _Probe | None) -> Callable:
+    """Plain batch norm with the batch's own statistics, adding the input's channel moments to ``sink``.
+
+    No running buffer is touched and nothing is synchronized across processes, so the result depends only on the
+    batches, not on their order or on how they are spread over processes.
+    """
+    layout = getattr(module, "layout", CHANNELS_FIRST)
+
+    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        cdim = channel_dim(layout, x.dim())
+        if sink is not None:
+            sink.add_(channel_moments(x.detach(), cdim, dtype=torch.float64))
+        if cdim == 1:
+            out = F.batch_norm(x, None, None, module.weight, module.bias, True, 0.0, module.eps)
+        elif cdim == x.dim() - 1:
+            flat = x.reshape(-1, x.shape[-1])
+            out = F.batch_norm(flat, None, None, module.weight, module.bias, True, 0.0, module.eps).reshape(x.shape)
+        else:
+            moved = x.movedim(cdim, 1)
+            out = F.batch_norm(moved, None, None, module.weight, module.bias, True, 0.0, module.eps).movedim(1, cdim)
+        return probe.record(name, x, out) if probe is not None and probe.active else out
+
+    return forward
+
+
+class _ModelState:
+    """Everything recalibration changes on a model, to put back afterwards: modes, forwards, ``requires_grad`` and
+    the buffers of every batch-norm layer."""
+
+    _MISSING = object()
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.modes = [(m, m.training) for m in model.modules()]
+        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        self.buffers = [
+            (m, name, buf.detach().clone())
+            for m in model.modules()
+            if isinstance(m, _BatchNorm)
+            for name, buf in m.named_buffers(recurse=False)
+            if buf is not None
+        ]
+        self.forwards: dict[nn.Module, Any] = {}
+
+    def override_forward(self, module: nn.Module, fn: Callable | None) -> None:
+        """Replace ``module.forward`` by ``fn`` (None: put the original back)."""
+        if module not in self.forwards:
+            self.forwards[module] = module.__dict__.get("forward", self._MISSING)
+        original = self.forwards[module]
+        if fn is not None:
+            module.forward = fn  # type: ignore[method-assign]
+        elif original is self._MISSING:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = original  # type: ignore[method-assign]
+
+    def restore(self, keep: set[tuple[int, str]]) -> None:
+        """Put everything back, except the buffers listed in ``keep`` as ``(id(module), buffer name)``."""
+        for module in list(self.forwards):
+            self.override_forward(module, None)
+        for m, training in self.modes:
+            m.training = training
+        for p, flag in self.requires_grad:
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for m, name, saved in self.buffers:
+                if (id(m), name) not in keep:
+                    getattr(m, name).copy_(saved)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _progress_bar(total: int | None, desc: str) -> Any:
+    rank_zero = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if not rank_zero:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+
+def _limited(batches: Iterable, num_batches: int | None) -> Iterator:
+    for i, batch in enumerate(batches):
+        if num_batches is not None and i >= num_batches:
+            return
+        yield batch
+
+
+def _check_args(batches: Any, num_batches: Any, forward: Any, exact_eval: bool) -> None:
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
+                                    or num_batches < 1):
+        raise ValueError(f"`num_batches` must be a positive int or None (all batches), got {num_batches!r}")
+    if forward is not None and not callable(forward):
+        raise TypeError(f"`forward` must be callable as forward(model, batch) or None, got {forward!r}")
+    if isinstance(batches, (Tensor, str, bytes)) or not isinstance(batches, Iterable):
+        raise TypeError(
+            f"`batches` must be an iterable of batches (a DataLoader, a list, a generator), "
+            f"got {type(batches).__name__}"
+        )
+    if exact_eval and iter(batches) is batches:
+        raise ValueError(
+            "`exact_eval=True` passes over `batches` once per batch-norm depth level, so `batches` must be "
+            f"re-iterable (a DataLoader or a list), got a one-shot iterator ({type(batches).__name__})"
+        )
+
+
+def recalibrate_bn(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    num_batches: int | None = None,
+    forward: ForwardFn | None = None,
+    modules: Iterable[str | nn.Module] | None = None,
+    progress: bool = False,
+    exact_eval: bool = False,
+    group: dist.ProcessGroup | None = None,
+) -> RecalibrationReport:
+    """Set the running statistics of every batch-norm layer to the exact population statistics over ``batches``.
+
+    The batches go forward without gradients, every module in eval mode (dropout off) except the batch-norm
+    layers being recomputed, which are in train mode and normalize each input with its own batch statistics (plain
+    batch norm: no per-batch synchronization, ghost batches or renorm corrections, and no running buffer touched
+    while the batches go through). Hooked on each layer's input, per-channel counts, sums and sums of squares
+    accumulate in float64 over every call (a layer called several times per forward pools all its calls). One
+    reduction across the processes of ``group`` follows (every process must call ``recalibrate_bn``), and each
+    layer's ``running_mean`` and ``running_var`` become the mean and the unbiased variance of the union of all
+    processes' inputs, identical on every process. ``num_batches_tracked``, modes, momenta, ``requires_grad``,
+    forwards and every other buffer are as before afterwards, also when an exception passes through (then the
+    running statistics are the old ones too).
+
+    Recomputed by default: torch's ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` and this package's batch-norm kinds,
+    channels-first or channels-last (the layer's ``layout`` attribute). Skipped: frozen batch norm and layers with
+    ``track_running_stats=False``; a layer that saw no input keeps its statistics, with a warning.
+
+    With ``exact_eval=True`` the statistics of each layer are taken from the inputs inference will give it: the
+    layers are recomputed depth level by depth level (a layer's level is one more than that of the deepest
+    batch-norm layer feeding it, found from the autograd graph of the first batch), with the layers of earlier
+    levels already in eval mode with their new statistics. Exact for the eval-mode model and independent of how the
+    samples are grouped into batches, at the cost of one pass over ``batches`` per level (a plain ResNet block
+    stack has about one level per layer); the default single pass approximates the upstream layers' eval outputs
+    by batch-statistics outputs, which is close for large batches. ``batches`` must then be re-iterable, and
+    should give the same samples on every pass (with ``num_batches`` and a shuffling loader it would not).
+
+    Args:
+        model: any module; it stays on its device, and tensors in the batches are moved there.
+        batches: an iterable of batches (a DataLoader, a list, a generator); under DDP each process its own shard.
+        num_batches: use at most this many batches per process (default: all).
+        forward: ``forward(model, batch)`` feeds one batch (already moved to the model's device); by default
+            :func:`default_forward` (a tensor, the first tensor of a tuple or list, or a mapping as keywords).
+        modules: recompute only these layers (names or modules); the other layers run in eval mode.
+        progress: show a tqdm progress bar on process zero.
+        exact_eval: recompute level by level from eval-mode features (see above).
+        group: the process group to reduce over (default: the world when initialized).
+
+    Returns:
+        A :class:`RecalibrationReport`: per layer the relative change of mean and variance and the values used.
+
+    Raises:
+        ValueError: ``batches`` gave no batch on any process, a bad ``num_batches``, ``modules`` naming a layer
+            that is not in the model or cannot be recalibrated, or ``exact_eval`` with a one-shot iterator.
+        TypeError: ``batches`` is not iterable, or the default ``forward`` cannot feed a batch to the model.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+        >>> report = recalibrate_bn(model, [torch.randn(32, 4) for _ in range(3)])
+        >>> report.layers["1"].num_values
+        96
+    """
+    _check_args(batches, num_batches, forward, exact_eval)
+    selected, skipped = _select(model, modules)
+    report = RecalibrationReport(skipped=skipped)
+    if not selected:
+        warnings.warn(
+            f"recalibrate_bn: {type(model).__name__} has no batch-norm layer with running statistics to recompute "
+            f"(skipped: {', '.join(f'{n} ({r})' for n, r in skipped.items()) or 'none'}); the model is unchanged",
+            UserWarning,
+            stacklevel=2,
+        )
+        return report
+    feed = forward or default_forward
+    device = _model_device(model)
+    names = list(selected)
+    old = {n: (m.running_mean.detach().clone(), m.running_var.detach().clone()) for n, m in selected.items()}
+    state = _ModelState(model)
+    new_stats: dict[str, tuple[Tensor, Tensor, int]] = {}
+    no_input: list[str] = []
+    finalized: set[str] = set()
+    levels: dict[str, int] = {n: 0 for n in names}
+    try:
+        model.eval()
+        level, max_level = 0, 0
+        while level <= max_level:
+            todo = [n for n in names if n not in finalized and levels[n] <= level]
+            sinks = {n: torch.zeros(3, selected[n].num_features, dtype=torch.float64, device=device) for n in todo}
+            probe = _Probe() if exact_eval and level == 0 else None
+            for name, m in selected.items():
+                if name in finalized:  # an earlier level: inference behaviour with its new statistics
+                    m.training = False
+                    state.override_forward(m, None)
+                else:
+                    m.training = True
+                    state.override_forward(m, _batch_stat_forward(m, name, sinks.get(name), probe))
+            seen = _one_pass(model, batches, num_batches, feed, device, probe, progress, level, max_level, state)
+            buffer = torch.cat([sinks[n].flatten() for n in todo] + [torch.tensor([float(seen)], device=device,
+                                                                                  dtype=torch.float64)])
+            max_mask = None
+            if probe is not None:
+                probed = probe.levels(names)
+                buffer = torch.cat([buffer, torch.tensor([probed[n] for n in names], dtype=torch.float64,
+                                                         device=device)])
+                max_mask = torch.zeros_like(buffer, dtype=torch.bool)
+                max_mask[-len(names):] = True
+            reduced = reduce_across_processes(buffer, max_mask=max_mask, group=group)
+            if probe is not None:
+                agreed = reduced[-len(names):].long().tolist()
+                reduced = reduced[: -len(names)]
+                max_level = max(agreed)
+                # a layer no probe reached (called only on later batches) is recomputed in the last pass
+                levels = {n: (lv if lv >= 0 else max_level) for n, lv in zip(names, agreed)}
+            total_batches = int(reduced[-1].item())
+            if level == 0:
+                report.num_batches = total_batches
+                if total_batches == 0:
+                    raise ValueError(
+                        "`batches` gave no batch on any process: recalibration needs at least one batch "
+                        f"(got an empty {type(batches).__name__})"
+                    )
+            moments = reduced[:-1].view(-1)
+            offset = 0
+            for name in todo:
+                m = selected[name]
+                size = 3 * m.num_features
+                mom = moments[offset: offset + size].view(3, m.num_features)
+                offset += size
+                if levels[name] > level:
+                    continue  # collected only because pass 0 collects everything; a later level recomputes it
+                finalized.add(name)
+                count = int(mom[COUNT].max().item())
+                if count == 0:
+                    no_input.append(name)
+                    continue
+                mean, var = mean_var(mom, unbiased=True)
+                with torch.no_grad():
+                    m.running_mean.copy_(mean.to(m.running_mean.dtype))
+                    m.running_var.copy_(var.to(m.running_var.dtype))
+                new_stats[name] = (mean, var, count)
+            report.num_passes += 1
+            level += 1
+        keep = {(id(selected[n]), b) for n in new_stats for b in ("running_mean", "running_var")}
+    except BaseException:
+        state.restore(keep=set())
+        raise
+    state.restore(keep=keep)
+    for name in names:
+        if name in new_stats:
+            mean, var, count = new_stats[name]
+            m = selected[name]
+            old_mean, old_var = (t.to(torch.float64) for t in old[name])
+            scale = var + m.eps
+            report.layers[name] = LayerRecalibration(
+                name=name,
+                num_values=count,
+                mean_shift=float(((old_mean - mean).abs() / scale.sqrt()).mean()),
+                var_shift=float(((old_var - var).abs() / scale).mean()),
+            )
+        elif name in no_input:
+            report.skipped[name] = "saw no input"
+    if no_input:
+        warnings.warn(
+            f"recalibrate_bn: no input reached {', '.join(no_input)} on any process; their running statistics are "
+            f"unchanged",
+            UserWarning,
+            stacklevel=2,
+        )
+    return report
+
+
+def _one_pass(
+    model: nn.Module,
+    batches: Iterable,
+    num_batches: int | None,
+    feed: ForwardFn,
+    device: torch.device,
+    probe: _Probe | None,
+    progress: bool,
+    level: int,
+    max_level: int,
+    state: _ModelState,
+) -> int:
+    """Feed the batches once; the first goes with autograd on when ``probe`` maps the layers' dependencies."""
+    total = num_batches
+    if hasattr(batches, "__len__"):
+        try:
+            total = len(batches) if num_batches is None else min(num_batches, len(batches))  # type: ignore[arg-type]
+        except TypeError:
+            pass
+    bar = _progress_bar(total, f"recalibrating batch norm (pass {level + 1})") if progress else None
+    seen = 0
+    try:
+        for batch in _limited(batches, num_batches):
+            batch = move_to_device(batch, device)
+            if probe is not None and seen == 0:
+                for p, _ in state.requires_grad:
+                    p.requires_grad_(False)
+                with torch.enable_grad():
+                    feed(model, batch)
+                for p, flag in state.requires_grad:
+                    p.requires_grad_(flag)
+                probe.stop()  # the graph is known: the rest of the pass runs without autograd
+            else:
+                with torch.no_grad():
+                    feed(model, batch)
+            seen += 1
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return seen
