@@ -1,0 +1,157 @@
+"""Render a layers-by-steps heatmap to an RGB image (HWC, uint8) that any logger can take."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from lightning_bn.sinks._validate import check_heatmap
+
+__all__ = ["render_heatmap", "matplotlib_available"]
+
+# Viridis sampled at 9 points; the numpy fallback interpolates between them.
+_VIRIDIS_ANCHORS = np.array(
+    [
+        [68, 1, 84],
+        [71, 44, 122],
+        [59, 81, 139],
+        [44, 113, 142],
+        [33, 144, 141],
+        [39, 173, 129],
+        [92, 200, 99],
+        [170, 220, 50],
+        [253, 231, 37],
+    ],
+    dtype=np.float64,
+)
+_MISSING_RGB = np.array([128, 128, 128], dtype=np.uint8)
+
+
+def matplotlib_available() -> bool:
+    """Whether matplotlib can be imported (then headings, tick labels and a colour bar are drawn)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _finite_range(values: np.ndarray) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    low, high = float(finite.min()), float(finite.max())
+    if high <= low:
+        return low - 0.5, high + 0.5
+    return low, high
+
+
+def _render_numpy(values: np.ndarray, cell_px: int) -> np.ndarray:
+    low, high = _finite_range(values)
+    finite = np.isfinite(values)
+    scaled = np.where(finite, (np.where(finite, values, low) - low) / (high - low), 0.0)
+    position = np.clip(scaled, 0.0, 1.0) * (len(_VIRIDIS_ANCHORS) - 1)
+    lower = np.floor(position).astype(int).clip(max=len(_VIRIDIS_ANCHORS) - 2)
+    frac = (position - lower)[..., None]
+    rgb = _VIRIDIS_ANCHORS[lower] * (1 - frac) + _VIRIDIS_ANCHORS[lower + 1] * frac
+    image = np.rint(rgb).astype(np.uint8)
+    image[~finite] = _MISSING_RGB
+    # Nearest-neighbour upscaling keeps one flat block per (layer, step) cell.
+    return np.ascontiguousarray(image.repeat(cell_px, axis=0).repeat(cell_px, axis=1))
+
+
+def _tick_positions(count: int, max_ticks: int) -> np.ndarray:
+    if count <= max_ticks:
+        return np.arange(count)
+    return np.unique(np.linspace(0, count - 1, max_ticks).round().astype(int))
+
+
+def _render_matplotlib(
+    values: np.ndarray, row_labels: list[str], col_labels: list[int], title: str, cmap: str, dpi: int
+) -> np.ndarray:
+    # The object API with an explicit Agg canvas: no pyplot state, no change to the user's global backend.
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows, cols = values.shape
+    longest = max(len(label) for label in row_labels)
+    width = min(4.0 + 0.06 * longest + 0.02 * cols, 16.0)
+    height = min(max(2.0 + 0.16 * rows, 2.5), 16.0)
+    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    low, high = _finite_range(values)
+    palette = matplotlib.colormaps[cmap].with_extremes(bad="#808080")
+    mesh = ax.imshow(
+        np.ma.masked_invalid(values), aspect="auto", interpolation="nearest", cmap=palette, vmin=low, vmax=high
+    )
+    row_ticks = _tick_positions(rows, 48)
+    col_ticks = _tick_positions(cols, 10)
+    ax.set_yticks(row_ticks, [row_labels[i] for i in row_ticks], fontsize=7)
+    ax.set_xticks(col_ticks, [str(col_labels[i]) for i in col_ticks], fontsize=7)
+    ax.set_xlabel("step", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.colorbar(mesh, ax=ax).ax.tick_params(labelsize=7)
+    canvas.draw()
+    return np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3])
+
+
+def render_heatmap(
+    values: Any,
+    row_labels: Sequence[str],
+    col_labels: Sequence[int],
+    title: str = "",
+    cmap: str = "viridis",
+    backend: str = "auto",
+    dpi: int = 100,
+    cell_px: int = 8,
+) -> np.ndarray:
+    """Draw ``values`` (layers x steps) as an RGB image of shape ``(H, W, 3)``, dtype uint8.
+
+    With matplotlib (``backend="matplotlib"``, or ``"auto"`` when it can be imported) the figure has the layer names
+    on the y axis, the steps on the x axis, an optional title and a colour bar; it is drawn on a private Agg canvas, so
+    the user's pyplot backend and state are untouched. Without it (``backend="numpy"``) the image is the bare grid:
+    one ``cell_px`` by ``cell_px`` block per value, coloured with an interpolated viridis, rows in the order of
+    ``row_labels`` from the top. Either way NaN and infinite values are drawn grey and the colour range is that of the
+    finite values.
+
+    Args:
+        values: array of shape ``(len(row_labels), len(col_labels))``.
+        row_labels: one name per row (layer).
+        col_labels: one step per column.
+        title: drawn above the figure (matplotlib only).
+        cmap: a matplotlib colormap name (matplotlib only).
+        backend: ``"auto"``, ``"matplotlib"`` or ``"numpy"``.
+        dpi: resolution of the matplotlib figure.
+        cell_px: size of one value's block in the numpy rendering.
+
+    Raises:
+        ValueError: on shapes that do not match, an unknown ``backend`` or ``cmap``, or ``backend="matplotlib"``
+            when matplotlib is not installed.
+
+    Example::
+
+        >>> image = render_heatmap(np.arange(6.0).reshape(2, 3), ["conv1", "fc"], [0, 10, 20], backend="numpy")
+        >>> image.shape, image.dtype
+        ((16, 24, 3), dtype('uint8'))
+    """
+    values_arr, rows, cols = check_heatmap(values, row_labels, col_labels)
+    backends = ("auto", "matplotlib", "numpy")
+    if backend not in backends:
+        raise ValueError(f"`backend` must be one of {', '.join(backends)}, got {backend!r}")
+    if isinstance(cell_px, bool) or not isinstance(cell_px, int) or cell_px < 1:
+        raise ValueError(f"`cell_px` must be an int >= 1, got {cell_px!r}")
+    use_matplotlib = backend == "matplotlib" or (backend == "auto" and matplotlib_available())
+    if not use_matplotlib:
+        return _render_numpy(values_arr, cell_px)
+    if not matplotlib_available():
+        raise ValueError("`backend` is 'matplotlib' but matplotlib is not installed; use 'auto' or 'numpy'")
+    import matplotlib
+
+    if cmap not in matplotlib.colormaps:
+        raise ValueError(f"`cmap` must be a matplotlib colormap name such as 'viridis', got {cmap!r}")
+    return _render_matplotlib(values_arr, rows, cols, title, cmap, dpi)

@@ -1,0 +1,129 @@
+"""A sink for ``TensorBoardLogger``: scalars, a custom-scalars layout, raw histograms and heatmap images."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from lightning.fabric.loggers import TensorBoardLogger
+from typing_extensions import override
+
+from lightning_bn.sinks._validate import check_charts, check_heatmap, check_histogram, check_step, check_tag
+from lightning_bn.sinks.heatmap import render_heatmap
+from lightning_bn.sinks.histogram import histogram_summary
+from lightning_bn.sinks.logger_sink import LoggerSink
+
+__all__ = ["TensorBoardSink"]
+
+
+class TensorBoardSink(LoggerSink):
+    """Write to a TensorBoard logger: scalars, one multi-line chart per statistic, histograms and heatmaps.
+
+    * Scalars go through ``logger.log_metrics`` (so the logger's ``prefix`` applies to them).
+    * :meth:`set_layout` writes TensorBoard's custom-scalars layout: every chart becomes one multi-line chart in the
+      category ``category``, holding every scalar whose tag matches one of its regexes (the *Custom Scalars* tab).
+      Layouts from several calls are merged and written again in full.
+    * :meth:`log_histogram` writes a raw histogram (``SummaryWriter.add_histogram_raw``) with the given buckets from
+      the first to the last non-empty one (as TensorBoard's own ``add_histogram`` does; the viewer trims them anyway).
+      TensorBoard's record also wants min, max, sum and sum of squares: without ``exact`` they come from the bins,
+      min/max as the outer edges of the non-empty bins and sum/sum of squares with every value at its bin centre
+      (see :func:`~lightning_bn.sinks.histogram_summary`).
+    * :meth:`log_heatmap` renders the values with :func:`~lightning_bn.sinks.render_heatmap` and writes the image
+      (``SummaryWriter.add_image``, HWC, uint8).
+
+    The histogram and image tags are written as given: the logger's ``prefix`` is not added to them.
+
+    Args:
+        logger: a ``TensorBoardLogger`` (Lightning's or Fabric's).
+        category: the custom-scalars category that holds the charts.
+        heatmap_backend: ``"auto"``, ``"matplotlib"`` or ``"numpy"``; see :func:`~lightning_bn.sinks.render_heatmap`.
+
+    Raises:
+        TypeError: if ``logger`` is not a ``TensorBoardLogger``.
+        ValueError: if ``category`` is empty or ``heatmap_backend`` unknown.
+
+    Example::
+
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        sink = TensorBoardSink(TensorBoardLogger("lightning_logs"))
+        sink.set_layout({"act/std": ["act/std/.*"]})
+        sink.log_scalars({"act/std/conv1": 0.8, "act/std/fc": 1.1}, step=0)
+        sink.log_histogram("act/hist/fc", edges=np.linspace(-3, 3, 7), counts=np.array([1, 4, 9, 9, 4, 1]), step=0)
+    """
+
+    def __init__(
+        self, logger: TensorBoardLogger, category: str = "lightning_bn", heatmap_backend: str = "auto"
+    ) -> None:
+        if not isinstance(logger, TensorBoardLogger):
+            raise TypeError(f"`logger` must be a TensorBoardLogger, got {type(logger).__name__}")
+        super().__init__(logger)
+        self.category = check_tag(category, name="category")
+        backends = ("auto", "matplotlib", "numpy")
+        if heatmap_backend not in backends:
+            raise ValueError(f"`heatmap_backend` must be one of {', '.join(backends)}, got {heatmap_backend!r}")
+        self.heatmap_backend = heatmap_backend
+        self._charts: dict[str, list[str]] = {}
+
+    @override
+    def set_layout(self, charts: Mapping[str, Sequence[str]]) -> None:
+        checked = check_charts(charts)
+        writer = self._experiment()
+        if writer is None or not checked:
+            return
+        merged = {**self._charts, **checked}
+        if merged == self._charts:
+            return
+        writer.add_custom_scalars({self.category: {title: ["Multiline", tags] for title, tags in merged.items()}})
+        self._charts = merged
+
+    @override
+    def log_histogram(
+        self,
+        tag: str,
+        edges: np.ndarray,
+        counts: np.ndarray,
+        step: int,
+        exact: Mapping[str, float] | None = None,
+    ) -> None:
+        check_tag(tag)
+        step = check_step(step)
+        edges_arr, counts_arr = check_histogram(edges, counts)
+        summary = histogram_summary(edges_arr, counts_arr, exact)
+        writer = self._experiment()
+        if writer is None:
+            return
+        # Like TensorBoard's own writer, keep the buckets from the first to the last non-empty one: the viewer draws
+        # the first bucket from `min` and the last one up to `max`, so empty outer buckets would collapse to zero width.
+        nonempty = np.flatnonzero(counts_arr > 0)
+        first, last = (nonempty[0], nonempty[-1]) if nonempty.size else (0, counts_arr.size - 1)
+        writer.add_histogram_raw(
+            tag,
+            min=summary.min,
+            max=summary.max,
+            num=summary.num,
+            sum=summary.sum,
+            sum_squares=summary.sum_squares,
+            bucket_limits=edges_arr[first + 1 : last + 2].tolist(),
+            bucket_counts=counts_arr[first : last + 1].tolist(),
+            global_step=step,
+        )
+
+    @override
+    def log_heatmap(
+        self, tag: str, values: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[int], step: int
+    ) -> None:
+        check_tag(tag)
+        step = check_step(step)
+        values_arr, rows, cols = check_heatmap(values, row_labels, col_labels)
+        writer = self._experiment()
+        if writer is None:
+            return
+        image = render_heatmap(values_arr, rows, cols, title=tag, backend=self.heatmap_backend)
+        writer.add_image(tag, image, global_step=step, dataformats="HWC")
+
+    @override
+    def flush(self) -> None:
+        writer = self._experiment()
+        if writer is not None:
+            writer.flush()
