@@ -1,3 +1,5 @@
 """Lightning plugins."""
 
-__all__: list[str] = []
+from lightning_bn.plugins.sync_norm import SyncNormPlugin
+
+__all__: list[str] = ["SyncNormPlugin"]

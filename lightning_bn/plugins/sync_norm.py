@@ -1,0 +1,209 @@
+"""``SyncNormPlugin``: synchronized batch norm on any backend as a Lightning ``LayerSync`` plugin."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning.pytorch.plugins import LayerSync
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
+from typing_extensions import override
+
+from lightning_bn.layers import (
+    CHANNELS_FIRST,
+    BatchNormChannelsLast,
+    BatchRenorm,
+    GhostBatchNorm,
+    SyncBatchNorm,
+)
+
+__all__ = ["SyncNormPlugin"]
+
+# Kinds that keep their own class and forward; the plugin switches their ``sync_stats`` on for the fit.
+_FLAGGED: tuple[type[nn.Module], ...] = (BatchRenorm, GhostBatchNorm)
+# Attributes the plugin sets on a flagged layer, and the attributes of a plain batch norm that training may change
+# (a callback that changes momentum, ``model.eval()``) and that go back to the original layer at revert.
+_SYNC_ATTRS = ("sync_stats", "sync_group")
+_CARRIED_ATTRS = ("eps", "momentum", "track_running_stats", "training")
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+_MISSING = object()
+
+
+def _plain_batch_norm_forward(module: nn.Module) -> bool:
+    """True when ``module`` is a batch norm whose forward is torch's (so its behaviour is plain batch norm)."""
+    if isinstance(module, BatchNormChannelsLast):
+        return type(module).forward is BatchNormChannelsLast.forward
+    if isinstance(module, (SyncBatchNorm, *_FLAGGED)) or not isinstance(module, _BatchNorm):
+        return False
+    forward = type(module).forward
+    return forward is _BatchNorm.forward or forward is nn.SyncBatchNorm.forward
+
+
+def to_sync_batch_norm(module: _BatchNorm, process_group: Any = None) -> SyncBatchNorm:
+    """A :class:`SyncBatchNorm` that shares ``module``'s parameters, buffers and forward hooks (the same objects).
+
+    Layout: channels-last for :class:`~lightning_bn.layers.BatchNormChannelsLast`, channels-first otherwise.
+    """
+    layout = getattr(module, "layout", CHANNELS_FIRST)
+    sync = SyncBatchNorm(
+        module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+        process_group=process_group, layout=layout, device="meta",
+    )
+    # The same Parameter and buffer objects: the optimizer, the checkpoint keys and any user reference stay valid.
+    sync._parameters = dict(module._parameters)  # type: ignore[assignment]
+    sync._buffers = dict(module._buffers)  # type: ignore[assignment]
+    sync._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    for hooks in _HOOK_DICTS:
+        if hasattr(module, hooks):
+            setattr(sync, hooks, getattr(module, hooks))
+    sync.train(module.training)
+    return sync
+
+
+def restore_from_sync(original: _BatchNorm, sync: SyncBatchNorm) -> _BatchNorm:
+    """Put what training changed on ``sync`` back on ``original`` (the module :func:`to_sync_batch_norm` got).
+
+    Parameters and buffers are taken by reference (a move to another device or dtype during the fit replaced
+    buffer tensors, so the sync layer's are the current ones); eps, momentum, ``track_running_stats`` and the
+    train/eval mode are copied.
+    """
+    for name in original._parameters:
+        original._parameters[name] = sync._parameters[name]
+    for name in original._buffers:
+        original._buffers[name] = sync._buffers[name]
+    for attr in _CARRIED_ATTRS:
+        if attr == "training":
+            original.train(sync.training)
+        else:
+            setattr(original, attr, getattr(sync, attr))
+    return original
+
+
+@dataclass
+class _Record:
+    """What :meth:`SyncNormPlugin.apply` changed in one place, so that :meth:`SyncNormPlugin.revert` can undo it."""
+
+    original: nn.Module
+    replacement: nn.Module | None = None  # the SyncBatchNorm put in its place; None for a flagged layer
+    saved: dict[str, Any] = field(default_factory=dict)  # instance attributes of a flagged layer before apply
+
+
+class SyncNormPlugin(LayerSync):
+    """Synchronized batch norm for every batch-norm kind, on any backend, reverted exactly after fitting.
+
+    When fitting starts (``strategy="ddp"``, ``"ddp_spawn"``, FSDP: every strategy that calls a ``LayerSync``),
+    each batch-norm layer whose forward is plain batch norm (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``,
+    Lightning's ``_BatchNormXd``, :class:`~lightning_bn.layers.BatchNormNd`,
+    :class:`~lightning_bn.layers.BatchNormChannelsLast`) is replaced by a
+    :class:`~lightning_bn.layers.SyncBatchNorm` that shares its parameters, buffers and forward hooks, and
+    :class:`~lightning_bn.layers.BatchRenorm` and :class:`~lightning_bn.layers.GhostBatchNorm` keep their class
+    with ``sync_stats`` switched on (synchronized batch statistics for batch renorm; virtual batches per process
+    and running statistics averaged over every process's virtual batches for ghost batch norm). Layers that
+    already synchronize (:class:`~lightning_bn.layers.SyncBatchNorm`, e.g. from ``NormSwap(to="sync_batch")``)
+    are left as they are. Subclasses of batch norm with a forward of their own are left alone with a warning:
+    what their forward does is unknown.
+
+    Each step then costs one all-reduce of a ``(3, C)`` tensor per layer in the forward and one in the backward;
+    outputs, gradients and running statistics are those of batch norm on the union of all processes' batches,
+    so the running statistics are identical on every process.
+
+    At teardown, :meth:`revert` puts every original module object back in its place (so its class is the
+    original one: ``BatchNorm2d`` stays ``BatchNorm2d``), holding the very Parameter objects that were trained
+    and the current buffers; ``eps``, ``momentum`` and the train/eval mode carry over, and the attributes set on
+    batch renorm and ghost batch norm are removed (or restored to the values they had).
+
+    Raises:
+        MisconfigurationException: from the ``Trainer`` when ``sync_batchnorm=True`` is also given (Lightning's
+            message names ``SyncNormPlugin``); drop ``sync_batchnorm=True``: this plugin already synchronizes.
+
+    Example::
+
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", plugins=[SyncNormPlugin()])
+        trainer.fit(model, datamodule)   # batch norm synchronized over gloo; model's layers restored after
+    """
+
+    def __init__(self) -> None:
+        self._records: list[_Record] = []
+
+    @override
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Replace or switch on every batch-norm layer of ``model`` (see the class docstring); returns ``model``."""
+        if self._records:  # applied twice without revert: undo first so the originals are never lost
+            model = self.revert(model)
+        replacements: dict[int, _Record] = {}
+        skipped: list[str] = []
+        try:
+            for name, module in list(model.named_modules(remove_duplicate=True)):
+                if isinstance(module, _FLAGGED):
+                    saved = {a: module.__dict__.get(a, _MISSING) for a in _SYNC_ATTRS}
+                    self._records.append(_Record(module, None, saved))
+                    module.sync_stats, module.sync_group = True, None
+                elif isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+                    skipped.append(f"{name} ({type(module).__qualname__}, not initialized yet)")
+                elif _plain_batch_norm_forward(module):
+                    record = _Record(module, to_sync_batch_norm(module))  # type: ignore[arg-type]
+                    replacements[id(module)] = record
+                    self._records.append(record)
+                elif isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
+                    skipped.append(f"{name} ({type(module).__qualname__})")
+            if id(model) in replacements:
+                raise ValueError(
+                    f"`model` is itself a batch-norm layer ({type(model).__name__}); SyncNormPlugin converts the "
+                    "layers inside a LightningModule"
+                )
+            _replace_children(model, {k: r.replacement for k, r in replacements.items()})
+        except BaseException:
+            self.revert(model)
+            raise
+        if skipped:
+            rank_zero_warn(
+                "SyncNormPlugin left these batch-norm layers unsynchronized (a class with a forward of its own, or a "
+                f"lazy layer not initialized yet): {', '.join(skipped)}. Convert them to a known kind "
+                "(lightning_bn.swap.swap_norms) or run a forward first."
+            )
+        return model
+
+    @override
+    def revert(self, model: nn.Module) -> nn.Module:
+        """Undo :meth:`apply`: the original layer objects back in their places, flags restored; returns ``model``."""
+        back: dict[int, nn.Module] = {}
+        for record in self._records:
+            if record.replacement is None:
+                for attr, value in record.saved.items():
+                    if value is _MISSING:
+                        record.original.__dict__.pop(attr, None)
+                    else:
+                        setattr(record.original, attr, value)
+            else:
+                assert isinstance(record.replacement, SyncBatchNorm)
+                restore_from_sync(record.original, record.replacement)  # type: ignore[arg-type]
+                back[id(record.replacement)] = record.original
+        self._records = []
+        _replace_children(model, back)
+        return model
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled into spawned processes before `apply`; the records belong to the process that applied.
+        return {"_records": []}
+
+
+def _replace_children(model: nn.Module, mapping: dict[int, nn.Module | None]) -> None:
+    """Set every child of every module found in ``mapping`` (by object id) to its replacement."""
+    if not mapping:
+        return
+    for parent in list(model.modules()):
+        for attr, child in list(parent._modules.items()):
+            new = mapping.get(id(child)) if child is not None else None
+            if new is not None:
+                parent._modules[attr] = new
