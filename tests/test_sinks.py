@@ -297,8 +297,10 @@ def test_tensorboard_server_serves_every_plugin(tmp_path):
         assert [step for _, step, _ in served] == [0, 1, 2]
         for _, step, buckets in served:
             counts = _counts(step)
-            assert [b[2] for b in buckets] == counts[counts > 0].tolist()  # every non-empty bucket, in order
-            assert buckets[0][0] == EDGES[np.flatnonzero(counts)[0]]
+            first, last = np.flatnonzero(counts)[[0, -1]]
+            assert [b[2] for b in buckets] == counts[first : last + 1].tolist()  # every bucket of the support
+            assert [b[0] for b in buckets] == EDGES[first : last + 1].tolist()  # left edges
+            assert [b[1] for b in buckets] == EDGES[first + 1 : last + 2].tolist()  # right edges
 
         image_tags = get_json(base_url, "/data/plugin/images/tags")[run]
         assert image_tags["act/std_heatmap"]["samples"] == 1
@@ -336,6 +338,7 @@ class _SinkWriter(L.Callback):
 
     def __init__(self):
         self.written: dict[int, dict[str, float]] = {}
+        self.counts: dict[int, np.ndarray] = {}
 
     def on_train_start(self, trainer, pl_module):
         self.sinks = sinks_for_loggers(trainer.loggers)
@@ -347,17 +350,19 @@ class _SinkWriter(L.Callback):
         weight = pl_module.net[0].weight.detach().flatten().double().numpy()
         metrics = {f"weight/norm/{name}": float(p.detach().norm()) for name, p in pl_module.named_parameters()}
         self.written[step] = metrics
-        counts, _ = np.histogram(weight, EDGES)
-        wide_counts, _ = np.histogram(weight, np.linspace(-2, 2, 1001))
+        self.counts[step], _ = np.histogram(weight, EDGES)
+        wide_edges = np.linspace(-2, 2, 1001)
+        wide_counts, _ = np.histogram(weight, wide_edges)
+        layers, steps = sorted(metrics), sorted(self.written)
+        values = np.array([[self.written[s][k] for s in steps] for k in layers])
         for sink in self.sinks:
             sink.log_scalars(metrics, step)
-            sink.log_histogram("weight/hist/net.0.weight", EDGES, counts, step)
+            sink.log_histogram("weight/hist/net.0.weight", EDGES, self.counts[step], step)
             if step == 2:
-                sink.log_histogram("weight/wide_hist/net.0.weight", np.linspace(-2, 2, 1001), wide_counts, step)
-                values = np.array([[self.written[s][k] for s in sorted(self.written)] for k in sorted(metrics)])
-                sink.log_heatmap("weight/norm_heatmap", values, sorted(metrics), sorted(self.written), step)
-        self.counts = getattr(self, "counts", {})
-        self.counts[step] = counts
+                sink.log_histogram("weight/wide_hist/net.0.weight", wide_edges, wide_counts, step)
+                sink.log_heatmap("weight/norm_heatmap", values, layers, steps, step)
+        if step == 2:
+            self.heatmap = render_heatmap(values, layers, steps, title="weight/norm_heatmap")
 
 
 def test_trainer_writes_to_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
@@ -395,7 +400,9 @@ def test_trainer_writes_to_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
     histograms = read_tb_histograms(tb.log_dir)
     assert [s for s, _ in histograms["weight/hist/net.0.weight"]] == [1, 2, 3]
     assert [h.num for _, h in histograms["weight/hist/net.0.weight"]] == [32.0] * 3
-    assert set(read_tb_images(tb.log_dir)) == {"weight/norm_heatmap"}
+    ((step, tb_image),) = read_tb_images(tb.log_dir)["weight/norm_heatmap"]
+    assert step == 2
+    np.testing.assert_array_equal(tb_image[..., :3], writer.heatmap)  # the matplotlib figure, pixel for pixel
     assert read_tb_custom_scalars(tb.log_dir) == {"lightning_bn": {"weight/norm": ["weight/norm/.*"]}}
 
     (run_dir,) = find_wandb_offline_runs(tmp_path)
@@ -419,4 +426,5 @@ def test_trainer_writes_to_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
     image = image_row["weight/norm_heatmap"]
     assert image["_type"] == "image-file" and image_row["trainer/global_step"] == 2
     png = np.asarray(Image.open(run["files_dir"] / image["path"]))
-    assert png.shape[:2] == (image["height"], image["width"]) and png.dtype == np.uint8
+    assert png.shape[:2] == (image["height"], image["width"])
+    np.testing.assert_array_equal(png[..., :3], writer.heatmap)
