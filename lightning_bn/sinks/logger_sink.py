@@ -54,11 +54,11 @@ class LoggerSink(Sink):
             self.logger.save()
 
     def _writes(self) -> bool:
-        return rank_zero_only.rank == 0
+        return getattr(rank_zero_only, "rank", 0) == 0
 
     def _experiment(self) -> Any:
         """The logger's experiment, or None where there is none to write to (created on first use)."""
-        return self.logger.experiment if self._writes() else None
+        return getattr(self.logger, "experiment", None) if self._writes() else None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.logger).__name__})"
