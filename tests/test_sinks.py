@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import re
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -21,6 +22,7 @@ from lightning_bn.sinks import (
     TensorBoardSink,
     WandbSink,
     histogram_summary,
+    matplotlib_available,
     merge_bins,
     render_heatmap,
     sink_for_logger,
@@ -119,6 +121,16 @@ def test_render_heatmap_matplotlib_draws_labels_and_leaves_pyplot_alone():
     assert matplotlib.get_backend() == backend_before and plt.get_fignums() == figures_before
 
 
+def test_render_heatmap_falls_back_to_numpy_without_matplotlib(monkeypatch):
+    values = _heatmap_values(2)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what a missing install looks like to `import`
+    assert not matplotlib_available()
+    auto = render_heatmap(values, LAYERS, [0, 1, 2])
+    np.testing.assert_array_equal(auto, render_heatmap(values, LAYERS, [0, 1, 2], backend="numpy"))
+    with pytest.raises(ValueError, match=r"`backend` is 'matplotlib' but matplotlib is not installed"):
+        render_heatmap(values, LAYERS, [0, 1, 2], backend="matplotlib")
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
@@ -134,6 +146,7 @@ def test_render_heatmap_matplotlib_draws_labels_and_leaves_pyplot_alone():
         (lambda s: s.log_heatmap("m", np.ones(3), ["a"], [0], 0), r"`values` must be a non-empty 2-D array"),
         (lambda s: s.log_heatmap("m", np.ones((2, 1)), ["a"], [0], 0), r"`row_labels` must have one label per row"),
         (lambda s: s.log_heatmap("m", np.ones((1, 2)), ["a"], [0], 0), r"`col_labels` must have one label per col"),
+        (lambda s: s.log_heatmap("m", np.ones((1, 1)), ["a"], ["x"], 0), r"`col_labels` must be a list of int steps"),
     ],
 )
 def test_bad_input_names_the_argument_and_writes_nothing(tmp_path, call, message):

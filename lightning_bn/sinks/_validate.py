@@ -105,4 +105,8 @@ def check_heatmap(values: Any, row_labels: Any, col_labels: Any) -> tuple[np.nda
         raise ValueError(f"`row_labels` must have one label per row of `values` ({rows}), got {len(row_labels)}")
     if len(col_labels) != cols:
         raise ValueError(f"`col_labels` must have one label per column of `values` ({cols}), got {len(col_labels)}")
-    return values_arr, [str(label) for label in row_labels], [int(label) for label in col_labels]
+    try:
+        steps = [int(label) for label in col_labels]
+    except (TypeError, ValueError):
+        raise TypeError(f"`col_labels` must be a list of int steps, got {list(col_labels)!r}") from None
+    return values_arr, [str(label) for label in row_labels], steps
