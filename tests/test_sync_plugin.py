@@ -298,3 +298,40 @@ def test_two_nodes_with_torchrun(tmp_path: Path) -> None:
         torch.testing.assert_close(v0, v1, atol=0, rtol=0, msg=name)
         assert k0 == k1 == 2
         assert not torch.equal(m0, torch.zeros_like(m0))  # trained: the statistics moved
+
+
+# ---- real training: strategy="ddp_spawn" (Lightning launches the processes) --------------------------------------
+
+
+class _DumpAtTrainEnd(L.Callback):
+    """Writes each process's layer classes and running statistics before teardown (the plugin's revert)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state = {"classes": _classes(pl_module), "stats": _stats(pl_module)}
+        torch.save(state, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
+
+
+def test_ddp_spawn(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    model = CNN(norm="batch", width=8)
+    modules_before = dict(model.named_modules())
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", plugins=[SyncNormPlugin()], max_steps=2,
+        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[_DumpAtTrainEnd(str(tmp_path))],
+    )
+    trainer.fit(model, DigitsDataModule(batch_size=16))
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in (0, 1))
+    assert set(r0["classes"].values()) == set(r1["classes"].values()) == {"SyncBatchNorm"}
+    for name in r0["stats"]:
+        torch.testing.assert_close(r0["stats"][name][0], r1["stats"][name][0], atol=0, rtol=0, msg=name)
+        torch.testing.assert_close(r0["stats"][name][1], r1["stats"][name][1], atol=0, rtol=0, msg=name)
+    # The launching process gets the trained weights back into its own, never-converted layers.
+    assert all(m is modules_before[n] for n, m in model.named_modules())
+    assert set(_classes(model).values()) == {"BatchNorm2d"}
+    for name, (mean, _var, steps) in _stats(model).items():
+        torch.testing.assert_close(mean, r0["stats"][name][0], atol=0, rtol=0, msg=name)
+        assert steps == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,8 +149,9 @@ class SyncNormPlugin(LayerSync):
                 if isinstance(module, _FLAGGED):
                     saved = {a: module.__dict__.get(a, _MISSING) for a in _SYNC_ATTRS}
                     self._records.append(_Record(module, None, saved))
-                    module.sync_stats, module.sync_group = True, None
-                elif isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+                    setattr(module, "sync_stats", True)  # noqa: B010 - instance attributes that shadow the class's
+                    setattr(module, "sync_group", None)  # noqa: B010
+                elif isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():  # type: ignore[misc]
                     skipped.append(f"{name} ({type(module).__qualname__}, not initialized yet)")
                 elif _plain_batch_norm_forward(module):
                     record = _Record(module, to_sync_batch_norm(module))  # type: ignore[arg-type]
@@ -198,7 +200,7 @@ class SyncNormPlugin(LayerSync):
         return {"_records": []}
 
 
-def _replace_children(model: nn.Module, mapping: dict[int, nn.Module | None]) -> None:
+def _replace_children(model: nn.Module, mapping: Mapping[int, nn.Module | None]) -> None:
     """Set every child of every module found in ``mapping`` (by object id) to its replacement."""
     if not mapping:
         return
