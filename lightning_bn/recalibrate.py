@@ -255,26 +255,46 @@ class _Probe:
         return {n: depth(n, frozenset()) if n in self.edges else -1 for n in names}
 
 
+def _moments64(x: Tensor, cdim: int) -> Tensor:
+    """``channel_moments(x, cdim, dtype=float64)``, computed on an ``(N, C, S)`` or ``(M, C)`` view when the layout
+    allows, which avoids moving the channel dimension (several times faster on CPU)."""
+    num_channels = x.shape[cdim]
+    count = torch.full((num_channels,), float(x.numel() // max(num_channels, 1)), dtype=torch.float64,
+                       device=x.device)
+    if cdim == 1 and x.dim() > 2:  # (N, C, S): reduce the contiguous positions first, then the batch
+        flat = x.reshape(x.shape[0], num_channels, -1).to(torch.float64)
+        return torch.stack([count, flat.sum(2).sum(0), flat.pow(2).sum(2).sum(0)])
+    if cdim == x.dim() - 1:
+        flat = x.reshape(-1, num_channels).to(torch.float64)
+        return torch.stack([count, flat.sum(0), flat.pow(2).sum(0)])
+    return channel_moments(x, cdim, dtype=torch.float64)
+
+
 def _batch_stat_forward(module: _BatchNorm, name: str, sink: Tensor | None, probe: _Probe | None) -> Callable:
     """Plain batch norm with the batch's own statistics, adding the input's channel moments to ``sink``.
 
     No running buffer is touched and nothing is synchronized across processes, so the result depends only on the
-    batches, not on their order or on how they are spread over processes.
+    batches, not on their order or on how they are spread over processes. The batch statistics come from the same
+    float64 moments that are accumulated, so each input is read for statistics once.
     """
     layout = getattr(module, "layout", CHANNELS_FIRST)
 
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         cdim = channel_dim(layout, x.dim())
+        moments = _moments64(x.detach(), cdim)
         if sink is not None:
-            sink.add_(channel_moments(x.detach(), cdim, dtype=torch.float64))
+            sink.add_(moments)
+        mean, var = mean_var(moments, unbiased=False)  # training-mode batch norm normalizes with the biased var
+        stat_dtype = module.weight.dtype if module.weight is not None else x.dtype
+        mean, var = mean.to(stat_dtype), var.to(stat_dtype)
         if cdim == 1:
-            out = F.batch_norm(x, None, None, module.weight, module.bias, True, 0.0, module.eps)
+            out = F.batch_norm(x, mean, var, module.weight, module.bias, False, 0.0, module.eps)
         elif cdim == x.dim() - 1:
             flat = x.reshape(-1, x.shape[-1])
-            out = F.batch_norm(flat, None, None, module.weight, module.bias, True, 0.0, module.eps).reshape(x.shape)
+            out = F.batch_norm(flat, mean, var, module.weight, module.bias, False, 0.0, module.eps).reshape(x.shape)
         else:
             moved = x.movedim(cdim, 1)
-            out = F.batch_norm(moved, None, None, module.weight, module.bias, True, 0.0, module.eps).movedim(1, cdim)
+            out = F.batch_norm(moved, mean, var, module.weight, module.bias, False, 0.0, module.eps).movedim(1, cdim)
         return probe.record(name, x, out) if probe is not None and probe.active else out
 
     return forward
