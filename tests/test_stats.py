@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_bn.layers import BatchNormChannelsLast, FrozenBatchNorm
+from lightning_bn.moments import channel_moments, tensor_summary
 from lightning_bn.stats import (
     ALERT_KINDS,
     AlertThresholds,
@@ -18,9 +19,11 @@ from lightning_bn.stats import (
     LayerStatsCollector,
     LogBins,
     bin_counts,
+    channel_sums,
     find_alerts,
     histogram_edges,
     select_modules,
+    summarize,
     trim_histogram,
 )
 from tests.dist import run_distributed
@@ -96,6 +99,26 @@ def test_collector_rejects_bad_arguments() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- figures
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("zero_tol", [0.0, 0.5])
+def test_fast_summaries_equal_the_moments_reference(dtype: torch.dtype, zero_tol: float) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    x[0, 1, 2, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    x[1, :, 0] = 0.0
+    x = x.to(dtype)
+    ref = tensor_summary(x, zero_tol, dtype=torch.float64)
+    got = summarize(x, zero_tol).double()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    assert got[5] == 3 and got[0] == x.numel() - 3
+    torch.testing.assert_close(channel_sums(x, 1).double(), channel_moments(x, 1, torch.float64), rtol=tol, atol=tol,
+                               equal_nan=True)
+    torch.testing.assert_close(channel_sums(x, -1).double(), channel_moments(x, -1, torch.float64), rtol=tol, atol=tol,
+                               equal_nan=True)
+    assert summarize(x[:0]).tolist() == [0.0] * 6
+
+
 def test_every_figure_against_manual_computation() -> None:
     net = _net()
     x = torch.randn(6, 2, 4, 4, dtype=D)

@@ -101,6 +101,8 @@ class LayerStatsMonitor(Callback):
         act_in/<stat>/<module>        the same six statistics of a normalization layer's input
         act_grad/rms/<module>         RMS of the gradient of the loss with respect to the output
         act_grad/abs_max/<module>     largest |value| of that gradient
+        act_grad/frac_nonfinite/<module>  fraction of NaN or Inf in that gradient (fp16 overflow); the RMS and
+                                      maximum are of the finite values
         param/norm/<param>            ||w||
         grad/norm/<param>             ||dL/dw|| at the optimizer step (averaged, unscaled)
         grad/ratio/<param>            ||dL/dw|| / ||w||   (left out while ||w|| = 0)

@@ -17,6 +17,7 @@ from lightning_bn.stats._collector import (
 )
 from lightning_bn.stats._histogram import LogBins, bin_counts, histogram_edges, trim_histogram
 from lightning_bn.stats._select import DEFAULT_WATCH_TYPES, NORM_TYPES, has_batch_stats, is_norm, select_modules
+from lightning_bn.stats._summary import channel_sums, summarize
 
 __all__ = [
     "ACTIVATION_GRAD_STATS",
@@ -29,11 +30,13 @@ __all__ = [
     "LogBins",
     "NORM_TYPES",
     "bin_counts",
+    "channel_sums",
     "find_alerts",
     "has_batch_stats",
     "histogram_edges",
     "in_backward_pass",
     "is_norm",
     "select_modules",
+    "summarize",
     "trim_histogram",
 ]

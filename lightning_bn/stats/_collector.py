@@ -28,19 +28,18 @@ from torch import Tensor, nn
 
 from lightning_bn.moments import (
     SUMMARY_FIELDS,
-    channel_moments,
     mean_var,
     reduce_across_processes,
     summary_to_figures,
-    tensor_summary,
 )
 from lightning_bn.stats._histogram import LogBins, bin_counts, histogram_edges, trim_histogram
 from lightning_bn.stats._select import has_batch_stats, is_norm
+from lightning_bn.stats._summary import channel_sums, summarize
 
 __all__ = ["LayerStats", "LayerStatsCollector", "ACTIVATION_STATS", "ACTIVATION_GRAD_STATS", "in_backward_pass"]
 
 ACTIVATION_STATS = ("mean", "std", "rms", "abs_max", "frac_zero", "frac_nonfinite")
-ACTIVATION_GRAD_STATS = ("rms", "abs_max")
+ACTIVATION_GRAD_STATS = ("rms", "abs_max", "frac_nonfinite")
 _NF = len(SUMMARY_FIELDS)
 _ABS_MAX = SUMMARY_FIELDS.index("abs_max")
 _OUT, _IN, _GRAD = 0, 1, 2  # summary kinds per module
@@ -231,8 +230,7 @@ class LayerStatsCollector:
 
     def _add_summary(self, slot: int, t: Tensor) -> None:
         self._slots.append(slot)
-        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32  # cheap; cast when stacked
-        self._summaries.append(tensor_summary(t, self.zero_tol, dtype=dtype))
+        self._summaries.append(summarize(t, self.zero_tol))  # float32 (float64 for float64); cast when stacked
 
     def _add_hist(self, i: int, t: Tensor) -> None:
         counts = bin_counts(t, self.bins, self.dtype)
@@ -243,7 +241,7 @@ class LayerStatsCollector:
         cdim = 1 if layout == "channels_first" else -1
         if x.dim() < 2 or x.shape[cdim] != module.running_mean.numel():
             return
-        moments = channel_moments(x.detach(), cdim).to(self.dtype)
+        moments = channel_sums(x, cdim).to(self.dtype)
         self._bn_moments[i] = moments if i not in self._bn_moments else self._bn_moments[i] + moments
 
     # ------------------------------------------------------------------ parameters
