@@ -398,7 +398,8 @@ class _InsertedNorm:
     """Forward hook that passes a layer's output through the norm registered on it as the child ``norm``."""
 
     def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        return module.norm(output)
+        norm: nn.Module = module.get_submodule("norm")
+        return norm(output)
 
 
 def _inserted_norm(module: nn.Module) -> nn.Module | None:

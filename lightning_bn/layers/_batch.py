@@ -300,6 +300,9 @@ class FrozenBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features, **factory))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
 
+    running_mean: Tensor
+    running_var: Tensor
+
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2 dimensions, got input of shape {tuple(input.shape)}")
