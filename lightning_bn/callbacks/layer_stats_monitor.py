@@ -346,6 +346,8 @@ class LayerStatsMonitor(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._detach_all()
+        for sink in self._sinks or []:
+            sink.flush()  # not after every log: a flush waits for the writer thread
 
     # ------------------------------------------------------------------ writing
     def _after_collection(
@@ -396,8 +398,6 @@ class LayerStatsMonitor(Callback):
                 if layers:
                     for sink in self._sinks:
                         sink.log_heatmap(f"heatmap/{stat}", values, layers, steps, step)
-        for sink in self._sinks:
-            sink.flush()
 
     # ------------------------------------------------------------------ state
     @override

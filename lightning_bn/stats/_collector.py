@@ -17,6 +17,7 @@ gradient hook fires only for a tensor that takes part in the backward pass, so e
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,6 +141,7 @@ class LayerStatsCollector:
     # ------------------------------------------------------------------ state
     def _reset(self) -> None:
         self._slots: list[int] = []
+        self._recent: dict[int, tuple[Any, int, Tensor]] = {}  # the last output summarized (weak reference)
         self._summaries: list[Tensor] = []
         self._hist: dict[int, Tensor] = {}
         self._bn_moments: dict[int, Tensor] = {}
@@ -229,8 +231,17 @@ class LayerStatsCollector:
         return grad_hook
 
     def _add_summary(self, slot: int, t: Tensor) -> None:
+        # A norm's input is usually the previous watched module's output: the same tensor, summarized once.
+        key = id(t)
+        cached = self._recent.get(key)
+        if cached is not None and cached[0]() is t and cached[1] == t._version:
+            summary = cached[2]
+        else:
+            summary = summarize(t, self.zero_tol)  # float32 (float64 for float64); cast when stacked
+            if slot % 3 == _OUT:
+                self._recent = {key: (weakref.ref(t), t._version, summary)}
         self._slots.append(slot)
-        self._summaries.append(summarize(t, self.zero_tol))  # float32 (float64 for float64); cast when stacked
+        self._summaries.append(summary)
 
     def _add_hist(self, i: int, t: Tensor) -> None:
         counts = bin_counts(t, self.bins, self.dtype)

@@ -1,0 +1,239 @@
+"""LayerStatsMonitor overhead: training-step time and peak memory, side by side with wandb.watch and .item() hooks.
+
+    python -m benchmarks.overhead                       # CPU, writes benchmarks/results/overhead.md
+    python -m benchmarks.overhead --device cuda         # on a GPU (also peak GPU memory)
+    python -m benchmarks.overhead --models cnn --cnn-steps 100
+
+Each variant is one real ``Trainer.fit`` of the same model in a fresh subprocess (so that its peak memory is its
+own), one after another, all with a TensorBoard logger. Step time is the mean wall time from
+``on_train_batch_start`` (first callback) to ``on_train_batch_end`` (last callback) over the timed steps: it holds
+forward, backward, the optimizer step and every monitor's own work, logging steps included (amortized). Variants:
+
+* ``baseline`` -- no monitor;
+* ``monitor/N`` -- ``LayerStatsMonitor(log_every_n_steps=N)`` (scalars), ``+hist`` -- with histograms every N steps;
+* ``item-hooks/N`` -- forward hooks on the same modules computing mean, std and fraction of zeros with one
+  ``.item()`` each (fastai's ActivationStats style: one host sync per figure), every N steps;
+* ``wandb-logger`` -- a ``WandbLogger`` (offline) added, no watch: the reference for ``wandb.watch``;
+* ``wandb.watch/N`` -- the same plus ``wandb.watch(model, log="all", log_freq=N)``.
+
+Ratios are over ``baseline`` (``wandb.watch`` also over ``wandb-logger``); "added" is the step time added per step.
+Models: the CNN example (``examples.cnn``, batch 64 of 8x8 digits) and the transformer example
+(``examples.transformer``, 4 blocks x 128 channels, batch 32 x 64 characters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "overhead.md"
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "monitor/50": {"monitor": 50},
+    "monitor/50+hist": {"monitor": 50, "hist": True},
+    "monitor/1": {"monitor": 1},
+    "monitor/1+hist": {"monitor": 1, "hist": True},
+    "item-hooks/50": {"item": 50},
+    "item-hooks/1": {"item": 1},
+    "wandb-logger": {"wandb": None},
+    "wandb.watch/50": {"wandb": 50},
+    "wandb.watch/1": {"wandb": 1},
+}
+
+
+def _callbacks(spec: dict[str, Any], times: list[float], device: str) -> list:
+    import lightning as L
+
+    from lightning_bn.callbacks import LayerStatsMonitor
+    from lightning_bn.stats import select_modules
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    class TimerStart(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+            sync()
+            self.t0 = time.perf_counter()
+
+    start = TimerStart()
+
+    class TimerEnd(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            sync()
+            times.append(time.perf_counter() - start.t0)
+
+    class ItemHooks(L.Callback):
+        """fastai ActivationStats style: per-layer figures with one .item() each."""
+
+        def __init__(self, every: int) -> None:
+            self.every, self.active, self.handles, self.row = every, False, [], {}
+
+        def on_fit_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+            for name, m in select_modules(pl_module):
+                self.handles.append(m.register_forward_hook(self._hook(name)))
+
+        def _hook(self, name: str):  # noqa: ANN202
+            def hook(module, args, out) -> None:  # noqa: ANN001
+                if self.active and isinstance(out, torch.Tensor):
+                    o = out.detach().float()
+                    self.row[f"act/mean/{name}"] = o.mean().item()
+                    self.row[f"act/std/{name}"] = o.std().item()
+                    self.row[f"act/frac_zero/{name}"] = (o == 0).float().mean().item()
+
+            return hook
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+            self.active, self.row = trainer.global_step % self.every == 0, {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            if self.active and trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(self.row, trainer.global_step)
+            self.active = False
+
+        def on_fit_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+            for h in self.handles:
+                h.remove()
+
+    middle: list = []
+    if "monitor" in spec:
+        n = spec["monitor"]
+        middle.append(LayerStatsMonitor(log_every_n_steps=n, histogram_every_n_steps=n if spec.get("hist") else None))
+    if "item" in spec:
+        middle.append(ItemHooks(spec["item"]))
+    return [start, *middle, TimerEnd()]
+
+
+def _run_variant(model_name: str, variant: str, steps: int, warmup: int, device: str, out: Any) -> None:
+    torch.set_num_threads(1)  # 2 shared cores: one thread per process keeps the comparison steady
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    spec = VARIANTS[variant]
+    L.seed_everything(0, verbose=False)
+    if model_name == "cnn":
+        from examples.cnn import CNN, DigitsDataModule
+
+        model, data = CNN(), DigitsDataModule(batch_size=64)
+    else:
+        from examples.transformer import CharTransformer, PydocTextDataModule
+
+        data = PydocTextDataModule(block_size=64, batch_size=32)
+        data.prepare_data() if hasattr(data, "prepare_data") else None
+        data.setup("fit")
+        model = CharTransformer(vocab_size=data.vocab_size, block_size=64)
+    times: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        loggers: list = [TensorBoardLogger(tmp, name="tb")]
+        if "wandb" in spec:
+            from lightning.pytorch.loggers import WandbLogger
+
+            wandb_logger = WandbLogger(save_dir=tmp, offline=True, project="overhead")
+            loggers.append(wandb_logger)
+            if spec["wandb"] is not None:
+                wandb_logger.watch(model, log="all", log_freq=spec["wandb"])
+        trainer = L.Trainer(
+            accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=warmup + steps,
+            limit_val_batches=0, logger=loggers, callbacks=_callbacks(spec, times, device), log_every_n_steps=50,
+            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        )
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        trainer.fit(model, data)
+        if "wandb" in spec:
+            import wandb
+
+            wandb.finish(quiet=True)
+    timed = times[warmup:]
+    out.put({
+        "step_ms": 1e3 * statistics.fmean(timed), "n": len(timed),
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
+    })
+
+
+def measure(model_name: str, variant: str, steps: int, warmup: int, device: str) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_run_variant, args=(model_name, variant, steps, warmup, device, q))
+    p.start()
+    result = q.get(timeout=900)
+    p.join()
+    return result
+
+
+def table(model_name: str, results: dict[str, dict[str, Any]], device: str) -> str:
+    base = results["baseline"]["step_ms"]
+    wb = results.get("wandb-logger", {}).get("step_ms")
+    mem = "peak GPU MiB" if device == "cuda" else "peak RSS MiB"
+    lines = [f"| {model_name} | step ms | x baseline | added ms/step | {mem} | note |", "|---|---:|---:|---:|---:|---|"]
+    for name, r in results.items():
+        ref = wb if name.startswith("wandb.watch") and wb else base
+        added = r["step_ms"] - ref
+        note = "vs wandb-logger" if ref is wb and name.startswith("wandb.watch") else ""
+        memory = r["gpu_mb"] if device == "cuda" else r["rss_mb"]
+        ms = r["step_ms"]
+        lines.append(f"| {name} | {ms:.2f} | {ms / ref:.3f} | {added:+.2f} | {memory:.0f} | {note} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["cnn", "transformer"], choices=["cnn", "transformer"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--cnn-steps", type=int, default=150)
+    parser.add_argument("--transformer-steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--rounds", type=int, default=1, help="runs per variant; the fastest is reported")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    variants = ["baseline"] + [v for v in args.variants if v != "baseline"]
+    if any(v.startswith("wandb.watch") for v in variants) and "wandb-logger" not in variants:
+        variants.insert(1, "wandb-logger")
+    sections, raw = [], {}
+    for model_name in args.models:
+        steps = args.cnn_steps if model_name == "cnn" else args.transformer_steps
+        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+        for r in range(args.rounds):  # alternate the order so that drifting machine load hits every variant alike
+            for variant in variants if r % 2 == 0 else variants[::-1]:
+                runs[variant].append(measure(model_name, variant, steps, args.warmup, args.device))
+                print(model_name, variant, json.dumps(runs[variant][-1]), flush=True)
+        results = {v: min(rs, key=lambda x: x["step_ms"]) for v, rs in runs.items()}  # the least disturbed round
+        raw[model_name] = results
+        sections.append(f"{table(model_name, results, args.device)}\n\n{steps} timed steps after {args.warmup} "
+                        f"warm-up steps; fastest of {args.rounds} round(s).")
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "none used"
+    command = "python -m benchmarks.overhead " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = (
+        "## LayerStatsMonitor overhead\n\n"
+        f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+        f"GPU: {gpu}; torch {torch.__version__}; device {args.device}.\n\n"
+        f"Command: `{command.strip()}`\n\n"
+        "Mean training-step time (forward, backward, optimizer step and the monitor's own work; logging steps "
+        "amortized), each variant a separate `Trainer.fit` in its own process with a TensorBoard logger. "
+        "`monitor/N`: LayerStatsMonitor every N steps (`+hist`: histograms too); `item-hooks/N`: per-layer "
+        "`.item()` forward hooks (fastai ActivationStats style); `wandb.watch/N`: `log=\"all\", log_freq=N`, offline, "
+        "compared with `wandb-logger` (the same run without watch).\n\n" + "\n\n".join(sections) + "\n"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
