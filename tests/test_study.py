@@ -1,0 +1,100 @@
+"""The study command: the smoke-sized run writes the report with its tables and PNGs; the helpers compute right."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from examples.cnn import CNN
+from lightning_bn.study import SIZES, main, run_study
+from lightning_bn.study._parts import _bn_shift, fmt, mean_std, steps_to, table
+from lightning_bn.study._train import set_bn_option
+
+PNGS = ("study_lr.png", "study_batch_size.png", "study_moving_average.png", "study_landscape.png",
+        "study_transformer.png")
+
+
+def _table_after(text: str, header_start: str) -> list[list[str]]:
+    lines = text.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[i + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_smoke_study_writes_report_tables_and_pngs(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    try:
+        report = main(["--smoke", "--out", str(tmp_path), "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert report == tmp_path / "study.md"
+    text = report.read_text()
+    assert f"`python -m lightning_bn.study --smoke --out {tmp_path} --threads 1`" in text
+    for title in ("## 1. Learning rate and speed", "## 2. Batch size", "## 3. Moving-average vs population",
+                  "## 4. Loss landscape", "## 5. Transformers"):
+        assert title in text
+    assert text.count("**Agreement.**") == 5 and text.count("**Paper.**") == 5
+    for name in PNGS:
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+        assert f"]({name})" in text
+    cfg = SIZES["smoke"]
+
+    lr_rows = _table_after(text, "| norm | lr | final val acc %")
+    assert [(r[0], float(r[1])) for r in lr_rows] == [(n, lr) for n in cfg.lr_norms for lr in cfg.lrs]
+    for row in lr_rows:
+        assert row[2] == "—" or 0.0 <= float(row[2]) <= 100.0
+        assert re.fullmatch(r"[01] / [01] of 1", row[4])
+
+    bs_rows = _table_after(text, "| norm | batch ")
+    assert [r[0] for r in bs_rows] == list(cfg.bs_norms) and all(len(r) == 1 + len(cfg.batch_sizes) for r in bs_rows)
+    assert all(0.0 <= float(c) <= 100.0 for r in bs_rows for c in r[1:])
+
+    ma_rows = _table_after(text, "| momentum | epoch |")
+    assert {float(r[0]) for r in ma_rows} == set(cfg.momenta)
+    for row in ma_rows:  # the gain column is the difference of the two accuracies
+        assert float(row[4]) == pytest.approx(float(row[3]) - float(row[2]), abs=0.11)
+        assert float(row[5]) >= 0.0
+
+    land_rows = _table_after(text, "| norm | probes |")
+    assert [r[0] for r in land_rows] == list(cfg.land_norms)
+    for row in land_rows:
+        assert int(row[1]) == 2  # steps 0 and 2 of the 4 capped steps
+        assert all(float(c) > 0.0 for c in row[2:7])
+
+    tf_rows = _table_after(text, "| norm | val bits/char |")
+    assert [r[0] for r in tf_rows] == list(cfg.tf_norms) and all(0 < float(r[1]) < 8 for r in tf_rows)
+    shift_rows = _table_after(text, "| model (batch norm) |")
+    assert [r[0] for r in shift_rows] == ["transformer", "cnn"]
+    assert all(float(c) >= 0.0 for r in shift_rows for c in r[1:])
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="`size` must be one of full, quick, smoke, got 'huge'"):
+        run_study("huge")
+    with pytest.raises(ValueError, match="`parts` takes names among lr, .* got \\['lrr'\\]"):
+        run_study("smoke", parts=["lrr"])
+
+
+def test_helpers() -> None:
+    assert mean_std([1.0, 3.0, float("nan")]) == (2.0, pytest.approx(2**0.5), 2)
+    assert fmt([0.5, 0.7], 100) == "60.0 ± 14.1"
+    assert fmt([0.5, float("nan")], 100) == "50.0 (1/2)"
+    assert fmt([float("nan")]) == "—"
+    assert steps_to([(5, 0.2), (10, 0.91), (15, 0.95)], 0.9) == 10.0
+    assert steps_to([(5, 0.2)], 0.9) != steps_to([(5, 0.2)], 0.9)  # NaN: never reached
+    assert table(["a", "b"], [["1", "2"]]) == ["| a | b |", "|---|---|", "| 1 | 2 |", ""]
+    history = [(0, {"bn/mean_shift/a": 9.0, "bn/mean_shift/b": 7.0}), (10, {"bn/mean_shift/a": 1.0}),
+               (20, {"bn/mean_shift/a": 2.0, "bn/mean_shift/b": 4.0, "bn/var_shift/a": 5.0})]
+    curve, later = _bn_shift(history, "mean_shift")
+    assert curve == [(0, 8.0), (10, 1.0), (20, 3.0)] and later == 2.0  # steps >= 5 (a quarter of 20)
+    model = CNN(norm="ghost_batch", width=4)
+    assert set_bn_option(model, virtual_batch_size=3) == 6
+    assert all(m.virtual_batch_size == 3 for m in model.modules() if hasattr(m, "virtual_batch_size"))
