@@ -28,6 +28,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import queue
 import resource
 import statistics
 import sys
@@ -157,7 +158,7 @@ def _run_variant(model_name: str, variant: str, steps: int, warmup: int, device:
         if "wandb" in spec:
             import wandb
 
-            wandb.finish(quiet=True)
+            wandb.finish()
     timed = times[warmup:]
     out.put({
         "step_ms": 1e3 * statistics.fmean(timed), "n": len(timed),
@@ -171,7 +172,15 @@ def measure(model_name: str, variant: str, steps: int, warmup: int, device: str)
     q = ctx.Queue()
     p = ctx.Process(target=_run_variant, args=(model_name, variant, steps, warmup, device, q))
     p.start()
-    result = q.get(timeout=900)
+    deadline = time.monotonic() + 900
+    while True:
+        try:
+            result = q.get(timeout=5)
+            break
+        except queue.Empty:
+            if not p.is_alive() or time.monotonic() > deadline:
+                p.kill()
+                raise RuntimeError(f"{model_name} {variant}: the run failed (exit code {p.exitcode})") from None
     p.join()
     return result
 

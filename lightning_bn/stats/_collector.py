@@ -233,13 +233,14 @@ class LayerStatsCollector:
     def _add_summary(self, slot: int, t: Tensor) -> None:
         # A norm's input is usually the previous watched module's output: the same tensor, summarized once.
         key = id(t)
+        version = None if t.is_inference() else t._version  # inference tensors have no version counter
         cached = self._recent.get(key)
-        if cached is not None and cached[0]() is t and cached[1] == t._version:
+        if version is not None and cached is not None and cached[0]() is t and cached[1] == version:
             summary = cached[2]
         else:
             summary = summarize(t, self.zero_tol)  # float32 (float64 for float64); cast when stacked
-            if slot % 3 == _OUT:
-                self._recent = {key: (weakref.ref(t), t._version, summary)}
+            if slot % 3 == _OUT and version is not None:
+                self._recent = {key: (weakref.ref(t), version, summary)}
         self._slots.append(slot)
         self._summaries.append(summary)
 
