@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bn.callbacks import LossLandscapeProbe
 from lightning_bn.callbacks.loss_landscape import LandscapeMeasurement, measure_landscape
+from lightning_bn.layers import BatchRenorm
 from tests.dist import run_distributed
 
 ETAS = (0.0, 0.05, 0.3, 1.0)
@@ -26,7 +27,10 @@ ETAS = (0.0, 0.05, 0.3, 1.0)
 
 def tiny_model(norm: str = "batch") -> nn.Module:
     layers: list[nn.Module] = [nn.Linear(5, 8)]
-    layers.append(nn.BatchNorm1d(8) if norm == "batch" else nn.LayerNorm(8))
+    if norm == "renorm":  # its training forward reads the running statistics: they must be the same at every point
+        layers.append(BatchRenorm(8, rmax=1.5, dmax=0.5, warmup_steps=0))
+    else:
+        layers.append(nn.BatchNorm1d(8) if norm == "batch" else nn.LayerNorm(8))
     layers += [nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 3)]
     return nn.Sequential(*layers).double()
 
@@ -78,15 +82,17 @@ def assert_same(a: dict, b: dict) -> None:
     assert torch.equal(a["rng"], b["rng"])
 
 
-def test_measure_matches_manual_and_restores_everything() -> None:
+@pytest.mark.parametrize("norm", ["batch", "renorm"])
+def test_measure_matches_manual_and_restores_everything(norm: str) -> None:
     torch.manual_seed(0)
-    model = tiny_model()
+    model = tiny_model(norm)
     model.train()
     model[4].eval()  # a module in eval mode must stay so
     x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
     for p in model.parameters():
         p.grad = torch.full_like(p, 7.0)  # the training's gradients must not be touched
-    model[1].running_mean.fill_(0.25)
+    model[1].running_mean.normal_(0.0, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
     model[1].num_batches_tracked.fill_(3)
     before = snapshot(model)
     expected = manual(model, x, y, ETAS, before["rng"])
