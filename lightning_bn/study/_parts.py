@@ -244,7 +244,8 @@ def part_batch_size(cfg: StudyConfig, out: Path, log: Log) -> Section:
         sec.add(f"**Agreement.** From batch {large} to batch {small} batch norm's error changed by "
                 f"{100 * rise_bn:+.1f} points and group norm's by {100 * rise_gn:+.1f} points; at batch {small} "
                 f"batch norm {100 * m[('batch', small)]:.1f}% vs group norm {100 * m[('group', small)]:.1f}%. "
-                f"This {verdict}.", "")
+                f"This {verdict}. At matched epochs batch {small} takes {large // small} times as many optimizer "
+                f"steps as batch {large}.", "")
         if "batch_renorm" in cfg.bs_norms:
             sec.add(f"Batch renormalization at batch {small}: {100 * m[('batch_renorm', small)]:.1f}% (Ioffe (2017) "
                     "proposed it for small or non-i.i.d. batches).", "")
@@ -404,7 +405,8 @@ def part_landscape(cfg: StudyConfig, out: Path, log: Log) -> Section:
         agree = [b[k] < n[k] for k in ("loss_range", "grad_pred", "beta_smooth")]
         sec.add("**Agreement.** Batch norm vs no normalization: " + "; ".join(lines) + ". "
                 + ("All three agree with the paper." if all(agree) else
-                   f"{sum(agree)} of the three landscape figures agree with the paper; the others do not at this "
+                   f"{sum(agree)} of the three landscape figures {'agrees' if sum(agree) == 1 else 'agree'} with the "
+                   "paper; the others do not at this "
                    "scale (note that the gradient norms differ between the networks, and the step sizes are the "
                    "same absolute values for both)."), "")
         acc_none, acc_batch = mean_std(finals["none"])[0], mean_std(finals["batch"])[0]

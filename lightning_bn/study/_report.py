@@ -57,6 +57,7 @@ def run_study(
     quiet()
     torch.set_num_threads(threads or 1)
     sections: list[Section] = []
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     start = time.perf_counter()
     for name in chosen:
         _log(f"[{size}] part {name} ...")
@@ -68,12 +69,15 @@ def run_study(
     total = time.perf_counter() - start
     command = command or "python -m lightning_bn.study " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = out / "study.md"
-    report.write_text(render(sections, cfg.name, command.strip(), total))
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    report.write_text(render(sections, cfg.name, command.strip(), total, (load_start, load_end)))
     _log(f"report: {report} ({total:.0f} s)")
     return report
 
 
-def render(sections: Sequence[Section], size: str, command: str, total: float) -> str:
+def render(
+    sections: Sequence[Section], size: str, command: str, total: float, load: tuple[float, float] = (0.0, 0.0)
+) -> str:
     lines = [
         "# The normalization study",
         "",
@@ -86,7 +90,8 @@ def render(sections: Sequence[Section], size: str, command: str, total: float) -
         "",
         f"- Command: `{command}` (size `{size}`), run from the repository root",
         f"- Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores "
-        f"(shared with other jobs while it ran), {torch.get_num_threads()} torch thread(s); Python "
+        f"(1-minute load average {load[0]:.1f} at the start and {load[1]:.1f} at the end: other jobs shared them), "
+        f"{torch.get_num_threads()} torch thread(s); Python "
         f"{platform.python_version()}, torch {torch.__version__}, lightning {L.__version__}",
         f"- Wall time: {total / 60:.1f} min in all ("
         + ", ".join(f"part {s.title.split('.')[0]}: {s.seconds / 60:.1f} min" for s in sections) + ")",
