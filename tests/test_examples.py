@@ -216,6 +216,15 @@ def test_wandb_offline_default_reads_the_environment():
         wandb_offline_default({"WANDB_MODE": "sometimes"})
 
 
+def test_auto_wandb_logger_picks_the_mode_from_the_environment(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert AutoWandbLogger().chose_offline is True  # no run starts until the logger's experiment is used
+    monkeypatch.setenv("WANDB_API_KEY", "0123abcd")
+    assert AutoWandbLogger().chose_offline is False
+    assert AutoWandbLogger(offline=True).chose_offline is True  # an explicit choice wins
+
+
 def test_wandb_config_writes_an_offline_run(tmp_path, monkeypatch):
     import wandb
 
