@@ -159,11 +159,11 @@ class DigitsDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
 
-def main(args: list[str] | None = None) -> None:
-    """``python -m examples.cnn fit --config examples/configs/cnn.yaml``."""
+def main(args: list[str] | None = None, run: bool = True):  # type: ignore[no-untyped-def]
+    """``python -m examples.cnn fit --config examples/configs/cnn.yaml``; returns the ``LightningCLI``."""
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(CNN, DigitsDataModule, save_config_kwargs={"overwrite": True}, args=args)
+    return LightningCLI(CNN, DigitsDataModule, save_config_kwargs={"overwrite": True}, args=args, run=run)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ def demo_run(tmp_path_factory):
     try:
         results = demo.main(["--quick", "--logdir", str(logdir)])
     finally:
+        import wandb
+
+        wandb.teardown()  # wandb keeps its settings (the run directory) process-wide: leave none for later tests
         mp.undo()
     return logdir, results
 
