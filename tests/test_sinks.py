@@ -24,6 +24,7 @@ from lightning_bn.sinks import (
     histogram_summary,
     matplotlib_available,
     merge_bins,
+    pillow_available,
     render_heatmap,
     sink_for_logger,
     sinks_for_loggers,
@@ -121,14 +122,41 @@ def test_render_heatmap_matplotlib_draws_labels_and_leaves_pyplot_alone():
     assert matplotlib.get_backend() == backend_before and plt.get_fignums() == figures_before
 
 
+def test_render_heatmap_pillow_draws_cells_labels_and_colour_bar():
+    values = _heatmap_values(3)
+    image = render_heatmap(values, LAYERS, [0, 10, 20, 30], title="act/std", backend="pillow")
+    assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
+    np.testing.assert_array_equal(image, render_heatmap(values, LAYERS, [0, 10, 20, 30], title="act/std"))  # auto
+    colours = {tuple(int(c) for c in px) for px in image.reshape(-1, 3)}
+    cells = {tuple(int(c) for c in px) for px in render_heatmap(values, LAYERS, [0, 10, 20, 30], backend="numpy")
+             .reshape(-1, 3)}
+    assert cells <= colours  # every cell's colour (the NaN grey included), as the numpy grid colours it
+    assert (0, 0, 0) in colours and (255, 255, 255) in colours  # text on a white margin
+    assert len(colours) > len(cells) + 20  # anti-aliased text and the colour bar's gradient
+    untitled = render_heatmap(values, LAYERS, [0, 10, 20, 30], backend="pillow")
+    assert untitled.shape[0] < image.shape[0]  # room for the title
+    tall = render_heatmap(np.ones((40, 4)), [f"block{i}" for i in range(40)], [0, 1, 2, 3], backend="pillow")
+    huge = render_heatmap(np.ones((300, 4)), [f"block{i}" for i in range(300)], [0, 1, 2, 3], backend="pillow")
+    assert untitled.shape[0] < tall.shape[0] < 1000 and huge.shape[0] < 1000  # grows with layers, then rows shrink
+    wide_labels = render_heatmap(values, ["a" * 40, "b", "c"], [0, 10, 20, 30], backend="pillow")
+    assert wide_labels.shape[1] > untitled.shape[1]  # the label column fits the longest name
+
+
 def test_render_heatmap_falls_back_to_numpy_without_matplotlib(monkeypatch):
     values = _heatmap_values(2)
+    numpy_image = render_heatmap(values, LAYERS, [0, 1, 2], backend="numpy")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what a missing install looks like to `import`
-    assert not matplotlib_available()
-    auto = render_heatmap(values, LAYERS, [0, 1, 2])
-    np.testing.assert_array_equal(auto, render_heatmap(values, LAYERS, [0, 1, 2], backend="numpy"))
+    assert not matplotlib_available() and pillow_available()
+    np.testing.assert_array_equal(render_heatmap(values, LAYERS, [0, 1, 2]),
+                                  render_heatmap(values, LAYERS, [0, 1, 2], backend="pillow"))
     with pytest.raises(ValueError, match=r"`backend` is 'matplotlib' but matplotlib is not installed"):
         render_heatmap(values, LAYERS, [0, 1, 2], backend="matplotlib")
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    monkeypatch.setitem(sys.modules, "PIL.ImageDraw", None)
+    assert not pillow_available()
+    np.testing.assert_array_equal(render_heatmap(values, LAYERS, [0, 1, 2]), numpy_image)
+    with pytest.raises(ValueError, match=r"`backend` is 'pillow' but Pillow is not installed"):
+        render_heatmap(values, LAYERS, [0, 1, 2], backend="pillow")
 
 
 @pytest.mark.parametrize(
@@ -165,9 +193,9 @@ def test_constructor_errors():
         WandbSink(CSVLogger("unused"))
     with pytest.raises(TypeError, match=r"`logger` must be a Lightning logger, got str"):
         LoggerSink("logs")
-    with pytest.raises(ValueError, match=r"`heatmap_backend` must be one of auto, matplotlib, numpy, got 'png'"):
+    with pytest.raises(ValueError, match=r"`heatmap_backend` must be one of auto, pillow, matplotlib, numpy, got 'png"):
         TensorBoardSink(TensorBoardLogger("unused"), heatmap_backend="png")
-    with pytest.raises(ValueError, match=r"`backend` must be one of auto, matplotlib, numpy, got 'svg'"):
+    with pytest.raises(ValueError, match=r"`backend` must be one of auto, pillow, matplotlib, numpy, got 'svg'"):
         render_heatmap(np.ones((1, 1)), ["a"], [0], backend="svg")
     with pytest.raises(TypeError, match=r"`loggers` must hold Lightning loggers, got str"):
         sinks_for_loggers(["tensorboard"])
@@ -292,6 +320,28 @@ def test_tensorboard_event_files(tmp_path):
     assert read_tb_custom_scalars(run_dir) == {
         "lightning_bn": {"act/std": ["act/std/.*"], "grad/norm": ["grad/norm/.*"]}
     }
+
+
+def test_tensorboard_scalars_one_event_per_call_with_the_logger_prefix(tmp_path):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    logger = TensorBoardLogger(tmp_path, name="run", prefix="train", default_hp_metric=False)
+    sink = TensorBoardSink(logger)
+    metrics = {f"act/std/layer{i}": 0.25 * i for i in range(300)}
+    sink.log_scalars(metrics, 7)
+    logger.experiment.close()  # a closed writer: the scalars still arrive, through log_metrics
+    sink.log_scalars({"grad/norm/fc.weight": 2.0, "act/std/fc": torch.tensor(0.5)}, 8)
+    sink.flush()
+    events = [e for path in sorted(Path(logger.log_dir).glob("events.out.tfevents.*"))
+              for e in EventFileLoader(str(path)).Load() if e.HasField("summary")]
+    batched = [e for e in events if e.step == 7]
+    assert len(batched) == 1 and len(batched[0].summary.value) == 300  # one event holds every scalar of the call
+    scalars = read_tb_scalars(logger.log_dir)
+    assert set(scalars) == {f"train-{k}" for k in metrics} | {"train-grad/norm/fc.weight", "train-act/std/fc"}
+    assert scalars["train-act/std/layer3"] == [(7, 0.75)]
+    assert scalars["train-grad/norm/fc.weight"] == [(8, 2.0)] and scalars["train-act/std/fc"] == [(8, 0.5)]
+    expected = {f"train-{k}": [(7, v)] for k, v in metrics.items()}
+    assert {k: v for k, v in scalars.items() if k.startswith("train-act/std/layer")} == expected
 
 
 def test_tensorboard_server_serves_every_plugin(tmp_path):

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_bn.layers import BatchNormChannelsLast, FrozenBatchNorm
-from lightning_bn.moments import channel_moments, tensor_summary
+from lightning_bn.moments import tensor_summary
 from lightning_bn.stats import (
     ALERT_KINDS,
     AlertThresholds,
@@ -19,7 +19,6 @@ from lightning_bn.stats import (
     LayerStatsCollector,
     LogBins,
     bin_counts,
-    channel_sums,
     find_alerts,
     histogram_edges,
     select_modules,
@@ -101,22 +100,41 @@ def test_collector_rejects_bad_arguments() -> None:
 # ---------------------------------------------------------------------------------------------------- figures
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("zero_tol", [0.0, 0.5])
-def test_fast_summaries_equal_the_moments_reference(dtype: torch.dtype, zero_tol: float) -> None:
+@pytest.mark.parametrize("sync_free", [None, True])
+def test_fast_summaries_equal_the_moments_reference(
+    dtype: torch.dtype, zero_tol: float, sync_free: bool | None
+) -> None:
     torch.manual_seed(0)
     x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
-    x[0, 1, 2, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
     x[1, :, 0] = 0.0
+    x[2, 0, 0, :2] = torch.tensor([0.5, -0.5])  # exactly at zero_tol=0.5: counted as zero
+    finite = x.to(dtype).clone()
+    x[0, 1, 2, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
     x = x.to(dtype)
-    ref = tensor_summary(x, zero_tol, dtype=torch.float64)
-    got = summarize(x, zero_tol).double()
     tol = 1e-12 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
-    assert got[5] == 3 and got[0] == x.numel() - 3
-    torch.testing.assert_close(channel_sums(x, 1).double(), channel_moments(x, 1, torch.float64), rtol=tol, atol=tol,
-                               equal_nan=True)
-    torch.testing.assert_close(channel_sums(x, -1).double(), channel_moments(x, -1, torch.float64), rtol=tol, atol=tol,
-                               equal_nan=True)
-    assert summarize(x[:0]).tolist() == [0.0] * 6
+    for t, nonfinite in ((x, 3), (finite, 0)):  # the all-finite fast path and the masked path
+        ref = tensor_summary(t, zero_tol, dtype=torch.float64)
+        got = summarize(t, zero_tol, sync_free=sync_free).double()
+        torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+        assert got[5] == nonfinite and got[0] == t.numel() - nonfinite
+        assert got[4] == ((t.double().abs() <= zero_tol) & torch.isfinite(t)).sum()
+    assert summarize(x[:0], sync_free=sync_free).tolist() == [0.0] * 6
+
+
+def test_fast_summaries_overflowing_squares_and_large_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    # finite float32 values whose squares overflow: the sum of squares is inf, the other figures stay exact
+    x = torch.tensor([3e30, -1.0, 0.0, 2.0, float("nan")], dtype=torch.float32)
+    for t in (x, x[:4]):
+        got, ref = summarize(t), tensor_summary(t, dtype=torch.float32)
+        assert torch.equal(got, ref), (got, ref)
+    # counts of 2**24 or more terms are summed in float64 (float32 would stop counting at 2**24)
+    import lightning_bn.stats._summary as summary_module
+
+    monkeypatch.setattr(summary_module, "_EXACT_FLOAT32_COUNT", 4)
+    y = torch.tensor([0.0, 1.0, -2.0, 0.0, 0.0, float("inf"), 3.0], dtype=torch.float32)
+    for sync_free in (None, True):
+        for t in (y, y[:5]):
+            torch.testing.assert_close(summarize(t, sync_free=sync_free), tensor_summary(t, dtype=torch.float32))
 
 
 def test_every_figure_against_manual_computation() -> None:

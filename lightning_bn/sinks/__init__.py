@@ -5,7 +5,7 @@ histograms (bin edges and counts) and heatmaps (layers x steps), and ignores wha
 """
 
 from lightning_bn.sinks.factory import sink_for_logger, sinks_for_loggers
-from lightning_bn.sinks.heatmap import matplotlib_available, render_heatmap
+from lightning_bn.sinks.heatmap import matplotlib_available, pillow_available, render_heatmap
 from lightning_bn.sinks.histogram import HistogramSummary, histogram_summary, merge_bins
 from lightning_bn.sinks.logger_sink import LoggerSink
 from lightning_bn.sinks.sink import Sink
@@ -21,6 +21,7 @@ __all__ = [
     "histogram_summary",
     "matplotlib_available",
     "merge_bins",
+    "pillow_available",
     "render_heatmap",
     "sink_for_logger",
     "sinks_for_loggers",

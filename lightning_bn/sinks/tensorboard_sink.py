@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from lightning.fabric.loggers import TensorBoardLogger
 from typing_extensions import override
 
-from lightning_bn.sinks._validate import check_charts, check_heatmap, check_histogram, check_step, check_tag
-from lightning_bn.sinks.heatmap import render_heatmap
+from lightning_bn.sinks._validate import (
+    check_charts,
+    check_heatmap,
+    check_histogram,
+    check_scalars,
+    check_step,
+    check_tag,
+)
+from lightning_bn.sinks.heatmap import BACKENDS, render_heatmap
 from lightning_bn.sinks.histogram import histogram_summary
 from lightning_bn.sinks.logger_sink import LoggerSink
 
@@ -19,7 +27,10 @@ __all__ = ["TensorBoardSink"]
 class TensorBoardSink(LoggerSink):
     """Write to a TensorBoard logger: scalars, one multi-line chart per statistic, histograms and heatmaps.
 
-    * Scalars go through ``logger.log_metrics`` (so the logger's ``prefix`` applies to them).
+    * :meth:`log_scalars` writes all the step's scalars as one event (one ``Summary`` with a value per key) to the
+      logger's ``SummaryWriter`` instead of one event per key as ``logger.log_metrics`` does: hundreds of scalars per
+      step cost one queue entry for the writer thread, not hundreds. Tags and values are those ``log_metrics`` writes
+      (the logger's ``prefix`` included); a closed writer or one of tensorboardX falls back to ``log_metrics``.
     * :meth:`set_layout` writes TensorBoard's custom-scalars layout: every chart becomes one multi-line chart in the
       category ``category``, holding every scalar whose tag matches one of its regexes (the *Custom Scalars* tab).
       Layouts from several calls are merged and written again in full.
@@ -36,7 +47,8 @@ class TensorBoardSink(LoggerSink):
     Args:
         logger: a ``TensorBoardLogger`` (Lightning's or Fabric's).
         category: the custom-scalars category that holds the charts.
-        heatmap_backend: ``"auto"``, ``"matplotlib"`` or ``"numpy"``; see :func:`~lightning_bn.sinks.render_heatmap`.
+        heatmap_backend: ``"auto"``, ``"pillow"``, ``"matplotlib"`` or ``"numpy"``; see
+            :func:`~lightning_bn.sinks.render_heatmap`.
 
     Raises:
         TypeError: if ``logger`` is not a ``TensorBoardLogger``.
@@ -59,11 +71,23 @@ class TensorBoardSink(LoggerSink):
             raise TypeError(f"`logger` must be a TensorBoardLogger, got {type(logger).__name__}")
         super().__init__(logger)
         self.category = check_tag(category, name="category")
-        backends = ("auto", "matplotlib", "numpy")
-        if heatmap_backend not in backends:
-            raise ValueError(f"`heatmap_backend` must be one of {', '.join(backends)}, got {heatmap_backend!r}")
+        if heatmap_backend not in BACKENDS:
+            raise ValueError(f"`heatmap_backend` must be one of {', '.join(BACKENDS)}, got {heatmap_backend!r}")
         self.heatmap_backend = heatmap_backend
         self._charts: dict[str, list[str]] = {}
+
+    @override
+    def log_scalars(self, metrics: Mapping[str, float], step: int) -> None:
+        values = check_scalars(metrics)
+        step = check_step(step)
+        writer = self._experiment()
+        if writer is None or not values:
+            return
+        file_writer = getattr(writer, "file_writer", None) if _is_torch_writer(writer) else None
+        if file_writer is None:  # a closed writer (log_metrics reopens it) or tensorboardX's, with its own protos
+            self.logger.log_metrics(values, step)
+            return
+        file_writer.add_summary(scalar_summary(values, _metric_prefix(self.logger)), step)
 
     @override
     def set_layout(self, charts: Mapping[str, Sequence[str]]) -> None:
@@ -127,3 +151,25 @@ class TensorBoardSink(LoggerSink):
         writer = self._experiment()
         if writer is not None:
             writer.flush()
+
+
+def scalar_summary(values: Mapping[str, float], prefix: str = "") -> Any:
+    """One TensorBoard ``Summary`` holding every ``{tag: value}`` as a scalar (``simple_value``, as ``add_scalar``)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    return Summary(value=[Summary.Value(tag=prefix + tag, simple_value=value) for tag, value in values.items()])
+
+
+def _is_torch_writer(writer: Any) -> bool:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # no tensorboard package: the logger runs on tensorboardX
+        return False
+    return isinstance(writer, SummaryWriter)
+
+
+def _metric_prefix(logger: TensorBoardLogger) -> str:
+    """What ``logger.log_metrics`` puts before each key: the logger's ``prefix`` and its join character, or ''."""
+    # Lightning keeps the constructor's `prefix` in `_prefix` and has no public accessor for it.
+    prefix = getattr(logger, "_prefix", "")
+    return f"{prefix}{logger.LOGGER_JOIN_CHAR}" if isinstance(prefix, str) and prefix else ""

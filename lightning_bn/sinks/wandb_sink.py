@@ -9,7 +9,7 @@ from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
 from lightning_bn.sinks._validate import check_heatmap, check_histogram, check_step, check_tag
-from lightning_bn.sinks.heatmap import render_heatmap
+from lightning_bn.sinks.heatmap import BACKENDS, render_heatmap
 from lightning_bn.sinks.histogram import merge_bins
 from lightning_bn.sinks.logger_sink import LoggerSink
 
@@ -32,7 +32,8 @@ class WandbSink(LoggerSink):
 
     Args:
         logger: a ``WandbLogger``.
-        heatmap_backend: ``"auto"``, ``"matplotlib"`` or ``"numpy"``; see :func:`~lightning_bn.sinks.render_heatmap`.
+        heatmap_backend: ``"auto"``, ``"pillow"``, ``"matplotlib"`` or ``"numpy"``; see
+            :func:`~lightning_bn.sinks.render_heatmap`.
 
     Raises:
         TypeError: if ``logger`` is not a ``WandbLogger``.
@@ -51,9 +52,8 @@ class WandbSink(LoggerSink):
         if not isinstance(logger, WandbLogger):
             raise TypeError(f"`logger` must be a WandbLogger, got {type(logger).__name__}")
         super().__init__(logger)
-        backends = ("auto", "matplotlib", "numpy")
-        if heatmap_backend not in backends:
-            raise ValueError(f"`heatmap_backend` must be one of {', '.join(backends)}, got {heatmap_backend!r}")
+        if heatmap_backend not in BACKENDS:
+            raise ValueError(f"`heatmap_backend` must be one of {', '.join(BACKENDS)}, got {heatmap_backend!r}")
         self.heatmap_backend = heatmap_backend
 
     @override

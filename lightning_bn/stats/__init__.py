@@ -17,7 +17,7 @@ from lightning_bn.stats._collector import (
 )
 from lightning_bn.stats._histogram import LogBins, bin_counts, histogram_edges, trim_histogram
 from lightning_bn.stats._select import DEFAULT_WATCH_TYPES, NORM_TYPES, has_batch_stats, is_norm, select_modules
-from lightning_bn.stats._summary import channel_sums, summarize
+from lightning_bn.stats._summary import summarize
 
 __all__ = [
     "ACTIVATION_GRAD_STATS",
@@ -30,7 +30,6 @@ __all__ = [
     "LogBins",
     "NORM_TYPES",
     "bin_counts",
-    "channel_sums",
     "find_alerts",
     "has_batch_stats",
     "histogram_edges",

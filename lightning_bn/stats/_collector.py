@@ -29,13 +29,14 @@ from torch import Tensor, nn
 
 from lightning_bn.moments import (
     SUMMARY_FIELDS,
+    channel_moments,
     mean_var,
     reduce_across_processes,
     summary_to_figures,
 )
 from lightning_bn.stats._histogram import LogBins, bin_counts, histogram_edges, trim_histogram
 from lightning_bn.stats._select import has_batch_stats, is_norm
-from lightning_bn.stats._summary import channel_sums, summarize
+from lightning_bn.stats._summary import summarize
 
 __all__ = ["LayerStats", "LayerStatsCollector", "ACTIVATION_STATS", "ACTIVATION_GRAD_STATS", "in_backward_pass"]
 
@@ -253,7 +254,7 @@ class LayerStatsCollector:
         cdim = 1 if layout == "channels_first" else -1
         if x.dim() < 2 or x.shape[cdim] != module.running_mean.numel():
             return
-        moments = channel_sums(x, cdim).to(self.dtype)
+        moments = channel_moments(x.detach(), cdim).to(self.dtype)  # float32 sums for float32 input, as the summaries
         self._bn_moments[i] = moments if i not in self._bn_moments else self._bn_moments[i] + moments
 
     # ------------------------------------------------------------------ parameters
