@@ -118,6 +118,9 @@ def test_fast_summaries_equal_the_moments_reference(
         torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
         assert got[5] == nonfinite and got[0] == t.numel() - nonfinite
         assert got[4] == ((t.double().abs() <= zero_tol) & torch.isfinite(t)).sum()
+        partial = summarize(t, zero_tol, sync_free=sync_free, full=False).double()  # gradients: no sum, no zeros
+        torch.testing.assert_close(partial, ref * torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0], dtype=ref.dtype),
+                                   rtol=tol, atol=tol)
     assert summarize(x[:0], sync_free=sync_free).tolist() == [0.0] * 6
 
 
@@ -134,7 +137,7 @@ def test_fast_summaries_overflowing_squares_and_large_counts(monkeypatch: pytest
     y = torch.tensor([0.0, 1.0, -2.0, 0.0, 0.0, float("inf"), 3.0], dtype=torch.float32)
     for sync_free in (None, True):
         for t in (y, y[:5]):
-            torch.testing.assert_close(summarize(t, sync_free=sync_free), tensor_summary(t, dtype=torch.float32))
+            assert summarize(t, sync_free=sync_free).tolist() == tensor_summary(t, dtype=torch.float64).tolist()
 
 
 def test_every_figure_against_manual_computation() -> None:

@@ -54,7 +54,8 @@ def heatmap_matrix(
     Layers are those of ``order`` (forward order) that have the statistic at any step, then any others by name.
     """
     prefix = f"{stat}/"
-    present = {k[len(prefix) :] for _, scalars in history for k in scalars if k.startswith(prefix)}
+    keys = set().union(*(scalars.keys() for _, scalars in history))  # most steps share their keys: dedupe first
+    present = {k[len(prefix) :] for k in keys if k.startswith(prefix)}
     layers = [name for name in order if name in present] + sorted(present - set(order))
     values = np.full((len(layers), len(history)), np.nan)
     for col, (_, scalars) in enumerate(history):

@@ -136,6 +136,7 @@ class LayerStatsCollector:
                     seen_params.add(id(p))
                     self.param_list.append((f"{name}.{pname}" if name else pname, p))
         self._handles: list[Any] = []
+        self._keys: list[tuple[int, list[tuple[str, str]]]] | None = None
         self.histograms = False
         self._reset()
 
@@ -239,7 +240,8 @@ class LayerStatsCollector:
         if version is not None and cached is not None and cached[0]() is t and cached[1] == version:
             summary = cached[2]
         else:
-            summary = summarize(t, self.zero_tol)  # float32 (float64 for float64); cast when stacked
+            # gradients: RMS, max and non-finite fraction only (ACTIVATION_GRAD_STATS), no sum or zeros
+            summary = summarize(t, self.zero_tol, full=slot % 3 != _GRAD)
             if slot % 3 == _OUT and version is not None:
                 self._recent = {key: (weakref.ref(t), version, summary)}
         self._slots.append(slot)
@@ -269,30 +271,52 @@ class LayerStatsCollector:
             return
         wanted = None if params is None else {id(p) for p in params}
         hist = self.histograms if histograms is None else histograms
+        chosen = [(k, p) for k, (_, p) in enumerate(self.param_list) if wanted is None or id(p) in wanted]
+        if not chosen:
+            return
         with torch.no_grad():
-            for k, (_, p) in enumerate(self.param_list):
-                if wanted is not None and id(p) not in wanted:
-                    continue
-                self._weight_norm[k] = torch.linalg.vector_norm(p.detach(), dtype=self.dtype)
-                self._before[k] = p.detach().clone()
-                if hist:
-                    self._param_hist[("param", k)] = bin_counts(p, self.bins, self.dtype)
-                if p.grad is not None:
-                    g = p.grad.detach()
-                    self._grad_norm[k] = torch.linalg.vector_norm(g, dtype=self.dtype)
+            # One foreach kernel per figure over every parameter instead of one reduction per parameter.
+            keys, weights = [k for k, _ in chosen], [p.detach() for _, p in chosen]
+            self._weight_norm.update(zip(keys, torch._foreach_norm(weights, 2, dtype=self.dtype)))
+            self._before.update(zip(keys, (w.clone() for w in weights)))
+            graded = [(k, p.grad.detach()) for k, p in chosen if p.grad is not None]
+            grad_keys, grads = [k for k, _ in graded], [g for _, g in graded]
+            if grads:
+                self._grad_norm.update(zip(grad_keys, torch._foreach_norm(grads, 2, dtype=self.dtype)))
+            if hist:
+                for k, w in zip(keys, weights):
+                    self._param_hist[("param", k)] = bin_counts(w, self.bins, self.dtype)
+                for k, g in graded:
+                    # gradient maxima: the outer edges of the gradient histograms
                     self._grad_abs_max[k] = g.abs().amax().to(self.dtype) if g.numel() else self._grad_norm[k]
-                    if hist:
-                        self._param_hist[("grad", k)] = bin_counts(g, self.bins, self.dtype)
+                    self._param_hist[("grad", k)] = bin_counts(g, self.bins, self.dtype)
 
     def record_updates(self) -> None:
         """After the optimizer step: ``||w_after - w_before||`` for each parameter snapshotted by ``record_params``."""
+        if not self._before:
+            return
         with torch.no_grad():
-            for k, before in self._before.items():
-                p = self.param_list[k][1].detach()
-                self._update_norm[k] = torch.linalg.vector_norm(p - before, dtype=self.dtype)
+            keys = list(self._before)
+            after = [self.param_list[k][1].detach() for k in keys]
+            deltas = torch._foreach_sub(after, [self._before[k] for k in keys])
+            self._update_norm.update(zip(keys, torch._foreach_norm(deltas, 2, dtype=self.dtype)))
         self._before = {}
 
     # ------------------------------------------------------------------ reduction
+    def _row_keys(self) -> list[tuple[int, list[tuple[str, str]]]]:
+        """``(summary row, [(statistic, metric key), ...])`` in the order the keys are written (built once)."""
+        if self._keys is None:
+            pre, rows = self.prefix, []
+            for i, name in enumerate(self.names):
+                if self.activations:
+                    rows.append((3 * i + _OUT, [(s, f"{pre}act/{s}/{name}") for s in ACTIVATION_STATS]))
+                if self.activations and self.is_norm[i]:
+                    rows.append((3 * i + _IN, [(s, f"{pre}act_in/{s}/{name}") for s in ACTIVATION_STATS]))
+                if self.activation_grads:
+                    rows.append((3 * i + _GRAD, [(s, f"{pre}act_grad/{s}/{name}") for s in ACTIVATION_GRAD_STATS]))
+            self._keys = rows
+        return self._keys
+
     def _device(self) -> torch.device:
         for t in self._summaries:
             return t.device
@@ -355,9 +379,10 @@ class LayerStatsCollector:
         local = []
         param_keys = sorted(self._weight_norm)
         grad_keys = sorted(self._grad_norm)
+        abs_keys = sorted(self._grad_abs_max)
         update_keys = sorted(self._update_norm)
         for keys, store in ((param_keys, self._weight_norm), (grad_keys, self._grad_norm),
-                            (grad_keys, self._grad_abs_max), (update_keys, self._update_norm)):
+                            (abs_keys, self._grad_abs_max), (update_keys, self._update_norm)):
             if keys:
                 local.append(torch.stack([store[k].to(dev, dt) for k in keys]))
         gamma_bns = [i for i in (self.bn_index if self.batch_norm else []) if self.modules[i][1].weight is not None]
@@ -381,18 +406,12 @@ class LayerStatsCollector:
         table[grad_rows, SUMMARY_FIELDS.index("sum")] *= s
         table[grad_rows, SUMMARY_FIELDS.index("sum_sq")] *= s * s
         table[grad_rows, _ABS_MAX] *= abs(s)
-        figs = {k: v.numpy() for k, v in summary_to_figures(torch.from_numpy(table)).items()}
-        seen_rows = table[:, 0] + table[:, SUMMARY_FIELDS.index("nonfinite")] > 0
-        for i, name in enumerate(self.names):
-            if self.activations and seen_rows[3 * i + _OUT]:
-                for stat in ACTIVATION_STATS:
-                    out.scalars[f"{pre}act/{stat}/{name}"] = float(figs[stat][3 * i + _OUT])
-            if self.activations and self.is_norm[i] and seen_rows[3 * i + _IN]:
-                for stat in ACTIVATION_STATS:
-                    out.scalars[f"{pre}act_in/{stat}/{name}"] = float(figs[stat][3 * i + _IN])
-            if self.activation_grads and seen_rows[3 * i + _GRAD]:
-                for stat in ACTIVATION_GRAD_STATS:
-                    out.scalars[f"{pre}act_grad/{stat}/{name}"] = float(figs[stat][3 * i + _GRAD])
+        figs = {k: v.tolist() for k, v in summary_to_figures(torch.from_numpy(table)).items()}
+        seen_rows = (table[:, 0] + table[:, SUMMARY_FIELDS.index("nonfinite")] > 0).tolist()
+        for row, keys in self._row_keys():
+            if seen_rows[row]:
+                for stat, key in keys:
+                    out.scalars[key] = figs[stat][row]
         abs_max_out = table[_OUT::3, _ABS_MAX]
 
         for i, c in zip(self.bn_index if self.batch_norm else [], bn_sizes):
@@ -432,10 +451,10 @@ class LayerStatsCollector:
             pos += n
             return chunk
 
-        w_norm = dict(zip(param_keys, take(len(param_keys))))
-        g_norm = dict(zip(grad_keys, take(len(grad_keys))))
-        g_abs = dict(zip(grad_keys, take(len(grad_keys))))  # gradient maxima: outer histogram edges
-        u_norm = dict(zip(update_keys, take(len(update_keys))))
+        w_norm = dict(zip(param_keys, take(len(param_keys)).tolist()))
+        g_norm = dict(zip(grad_keys, take(len(grad_keys)).tolist()))
+        g_abs = dict(zip(abs_keys, take(len(abs_keys)).tolist()))  # gradient maxima: outer histogram edges
+        u_norm = dict(zip(update_keys, take(len(update_keys)).tolist()))
         for k in range(n_par):
             pname = self.param_list[k][0]
             if k in w_norm:

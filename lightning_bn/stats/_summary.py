@@ -15,6 +15,8 @@ of squares, which is finite exactly when every value is finite (or falls back to
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -25,7 +27,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _EXACT_FLOAT32_COUNT = 2**24
 
 
-def summarize(x: Tensor, zero_tol: float = 0.0, sync_free: bool | None = None) -> Tensor:
+def summarize(x: Tensor, zero_tol: float = 0.0, sync_free: bool | None = None, full: bool = True) -> Tensor:
     """``(count, sum, sum_sq, abs_max, zeros, nonfinite)`` of ``x`` as in ``moments.tensor_summary``.
 
     Accumulates in float32 (float64 for float64 input); half and bfloat16 inputs are widened first.
@@ -36,6 +38,8 @@ def summarize(x: Tensor, zero_tol: float = 0.0, sync_free: bool | None = None) -
         sync_free: never read a value back to the host (the branch-free masked path, for accelerators, where a
             read-back would stall the queue). Default: true on every device but the CPU, where reading one
             number back is free and lets an all-finite tensor (the usual case) skip the masking passes.
+        full: also the sum and the zeros; false leaves both 0 (two passes fewer, for gradients, whose figures are
+            the RMS, the maximum and the non-finite fraction).
     """
     x = x.detach()
     if x.dtype in _LOW_PRECISION:
@@ -47,13 +51,13 @@ def summarize(x: Tensor, zero_tol: float = 0.0, sync_free: bool | None = None) -
     if sync_free is None:
         sync_free = flat.device.type != "cpu"
     if not sync_free:
-        sum_sq = torch.dot(flat, flat)
-        if bool(torch.isfinite(sum_sq)):  # every value finite: no masking needed
-            lo, hi = torch.aminmax(flat)
-            zeros = n - _count_above(flat, zero_tol)
-            return torch.stack([torch.full_like(sum_sq, n), flat.sum(), sum_sq, torch.maximum(-lo, hi), zeros,
-                                torch.zeros_like(sum_sq)])
-    return _summarize_masked(flat, zero_tol)
+        # Four reductions, read back together; the sum of squares is finite only when every value is finite.
+        lo, hi = torch.aminmax(flat)
+        parts = [torch.dot(flat, flat), lo, hi] + ([flat.sum(), _count_above(flat, zero_tol)] if full else [])
+        sum_sq, low, high, total, above = torch.stack(parts).tolist() + ([] if full else [0.0, n])
+        if math.isfinite(sum_sq):  # no masking needed; float64 keeps counts above 2**24 exact
+            return torch.tensor([n, total, sum_sq, max(-low, high), n - above, 0.0], dtype=torch.float64)
+    return _summarize_masked(flat, zero_tol, full)
 
 
 def _count_above(flat: Tensor, zero_tol: float) -> Tensor:
@@ -65,7 +69,7 @@ def _count_above(flat: Tensor, zero_tol: float) -> Tensor:
     return torch.dot(marks, marks)  # marks are 0 or +-1: the dot is the count
 
 
-def _summarize_masked(flat: Tensor, zero_tol: float) -> Tensor:
+def _summarize_masked(flat: Tensor, zero_tol: float, full: bool = True) -> Tensor:
     """The branch-free path: non-finite values counted and masked out with float kernels only."""
     n = flat.numel()
     finite_part = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
@@ -76,15 +80,12 @@ def _summarize_masked(flat: Tensor, zero_tol: float) -> Tensor:
     else:
         nonfinite = nonfinite_marks.sum()
     lo, hi = torch.aminmax(finite_part)
-    # the masked-out entries are 0 in finite_part, so they count as zeros there: take them off again
-    zeros = n - _count_above(finite_part, zero_tol) - nonfinite
+    if full:
+        total = finite_part.sum()
+        # the masked-out entries are 0 in finite_part, so they count as zeros there: take them off again
+        zeros = n - _count_above(finite_part, zero_tol) - nonfinite
+    else:
+        total = zeros = torch.zeros_like(nonfinite)
     return torch.stack(
-        [
-            n - nonfinite,
-            finite_part.sum(),
-            torch.dot(finite_part, finite_part),
-            torch.maximum(-lo, hi),
-            zeros,
-            nonfinite,
-        ]
+        [n - nonfinite, total, torch.dot(finite_part, finite_part), torch.maximum(-lo, hi), zeros, nonfinite]
     )
