@@ -236,16 +236,20 @@ class CharTransformer(L.LightningModule):
         self.log("val/bpc", loss / math.log(2), batch_size=n, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> Any:
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for name, p in self.named_parameters():
             # matrices and the (tied) token embedding decay; biases, norm scales and positions do not
             (decay if p.dim() >= 2 and "wpe" not in name else no_decay).append(p)
         opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr, betas=(0.9, 0.95),
+            [
+                {"params": decay, "weight_decay": self.hparams["weight_decay"]},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.hparams["lr"], betas=(0.9, 0.95),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = self.hparams.warmup_steps
+        warmup = self.hparams["warmup_steps"]
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

@@ -222,7 +222,8 @@ class _Probe:
             if x.requires_grad and id(x) in self.leaf_owner:
                 found.add(self.leaf_owner[id(x)])
             return found
-        stack, seen = [x.grad_fn], set()
+        stack: list[Any] = [x.grad_fn]
+        seen: set[Any] = set()
         while stack:
             fn = stack.pop()
             if fn is None or fn in seen:
@@ -330,10 +331,15 @@ class _ModelState:
                     getattr(m, name).copy_(saved)
 
 
+def _buffer(module: nn.Module, name: str) -> Tensor:
+    """A batch-norm buffer that is known to exist (selected layers track running statistics)."""
+    buf = getattr(module, name)
+    assert isinstance(buf, Tensor), f"{type(module).__name__}.{name} is not a tensor"
+    return buf
+
+
 def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
+    for t in [*model.parameters(), *model.buffers()]:
         return t.device
     return torch.device("cpu")
 
@@ -449,7 +455,8 @@ def recalibrate_bn(
     feed = forward or default_forward
     device = _model_device(model)
     names = list(selected)
-    old = {n: (m.running_mean.detach().clone(), m.running_var.detach().clone()) for n, m in selected.items()}
+    old = {n: (_buffer(m, "running_mean").detach().clone(), _buffer(m, "running_var").detach().clone())
+           for n, m in selected.items()}
     state = _ModelState(model)
     new_stats: dict[str, tuple[Tensor, Tensor, int]] = {}
     no_input: list[str] = []
@@ -510,8 +517,9 @@ def recalibrate_bn(
                     continue
                 mean, var = mean_var(mom, unbiased=True)
                 with torch.no_grad():
-                    m.running_mean.copy_(mean.to(m.running_mean.dtype))
-                    m.running_var.copy_(var.to(m.running_var.dtype))
+                    running_mean, running_var = _buffer(m, "running_mean"), _buffer(m, "running_var")
+                    running_mean.copy_(mean.to(running_mean.dtype))
+                    running_var.copy_(var.to(running_var.dtype))
                 new_stats[name] = (mean, var, count)
             report.num_passes += 1
             level += 1
