@@ -288,9 +288,10 @@ def part_moving_average(cfg: StudyConfig, out: Path, log: Log) -> Section:
                 f" ({r.seconds:.1f}s)")
     sec.add(
         "**Paper.** The exponential moving average of batch statistics that batch norm keeps for inference lags the "
-        "weights and is noisy; population statistics recomputed with the final weights (\"precise BN\") fix it, "
-        "mattering most with small momentum-time-constants mismatches, early in training or with high learning "
-        "rates, while at the end of a normal schedule the gap is small (Wu & Johnson, 2021, section 3).",
+        "weights and is noisy; population statistics recomputed with the final weights (\"precise BN\") fix it. "
+        "The moving average is least accurate when the weights change fast (early in training, high learning "
+        "rates) or when its momentum does not match how fast they change; at the end of a normal schedule the gap "
+        "is small (Wu & Johnson, 2021, section 3).",
         "",
         f"**Setup.** CNN with batch norm (width {cfg.width}), batch {cfg.ma_batch}, lr {cfg.ma_lr}, {cfg.ma_epochs} "
         f"epochs, {cfg.seeds} seed(s), each batch-norm layer's `momentum` (torch's: running = (1 - m) running + m "
