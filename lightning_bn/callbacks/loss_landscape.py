@@ -140,8 +140,8 @@ def measure_landscape(
             loss = loss_fn()
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise ValueError(f"the probe's loss must be a scalar tensor, got {loss!r:.200}")
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+            raw = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, raw)]
         flat = torch.cat([loss.detach().reshape(1).double()] + [g.reshape(-1).double() for g in grads])
         flat = reduce_across_processes(flat, group=group) / world
         out, offset = [], 1
@@ -269,8 +269,9 @@ class LossLandscapeProbe(Callback):
                 "LossLandscapeProbe's default `loss_fn` calls `training_step`, which under manual optimization steps "
                 "the optimizer; pass `loss_fn=lambda pl_module, batch: ...` returning the loss, got loss_fn=None"
             )
-        monitors = [i for i, cb in enumerate(trainer.callbacks) if type(cb).__name__ == "LayerStatsMonitor"]
-        if monitors and monitors[0] < trainer.callbacks.index(self):
+        callbacks: list[Callback] = list(getattr(trainer, "callbacks", []))
+        monitors = [i for i, cb in enumerate(callbacks) if type(cb).__name__ == "LayerStatsMonitor"]
+        if monitors and self in callbacks and monitors[0] < callbacks.index(self):
             rank_zero_warn(
                 "LossLandscapeProbe comes after LayerStatsMonitor in the callbacks: on steps both act, the monitor "
                 "counts the probe's forwards. Put the probe first.",

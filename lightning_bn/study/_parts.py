@@ -163,9 +163,10 @@ def part_learning_rate(cfg: StudyConfig, out: Path, log: Log) -> Section:
                     "this run does not reproduce the speed-up.", "")
         ok = {norm: [lr for lr in cfg.lrs if all(not r.diverged and r.final >= target for r in runs[(norm, lr)])]
               for norm in cfg.lr_norms}
-        top = {norm: max(v) if v else None for norm, v in ok.items()}
+        top: dict[str, float | None] = {norm: max(v) if v else None for norm, v in ok.items()}
         parts = [f"{norm}: {'none' if v is None else f'{v:g}'}" for norm, v in top.items()]
-        higher = top.get("batch") is not None and (top.get("none") is None or top["batch"] > top["none"])
+        top_batch, top_none = top.get("batch"), top.get("none")
+        higher = top_batch is not None and (top_none is None or top_batch > top_none)
         sec.add(f"Learning rate: the largest learning rate at which every seed trained to {target:.0%} was "
                 f"{'; '.join(parts)}. " + ("Batch norm tolerated a higher learning rate than no normalization, as "
                                            "the paper reports." if higher else
@@ -176,14 +177,14 @@ def part_learning_rate(cfg: StudyConfig, out: Path, log: Log) -> Section:
         ms = [mean_std([r.final for r in runs[(norm, lr)]]) for lr in cfg.lrs]
         ax1.errorbar(cfg.lrs, [100 * m for m, _, _ in ms], yerr=[100 * s for _, s, _ in ms], marker="o", label=norm,
                      capsize=3)
-        finite = [(mean_std([r.final for r in runs[(norm, lr)]])[0], lr) for lr in cfg.lrs]
-        finite = [(m, lr) for m, lr in finite if math.isfinite(m)]
-        if finite:
-            lr = max(finite)[1]
+        means = [(mean_std([r.final for r in runs[(norm, lr)]])[0], lr) for lr in cfg.lrs]
+        ranked = [(m, lr) for m, lr in means if math.isfinite(m)]
+        if ranked:
+            lr = max(ranked)[1]
             curve = runs[(norm, lr)][0].curve
             ax2.plot([s for s, _ in curve], [100 * a for _, a in curve], label=f"{norm} (lr {lr:g}, seed 0)")
-    ax1.set(xscale="log", xlabel="learning rate", ylabel="final validation accuracy %", title="accuracy vs lr "
-            "(missing = diverged)")
+    ax1.set(xscale="log", xlabel="learning rate", ylabel="final validation accuracy %",
+            title="accuracy vs lr (mean ± std over seeds)")
     ax2.axhline(100 * target, color="gray", ls=":")
     ax2.set(xlabel="optimizer step", ylabel="validation accuracy %", title="training at each norm's best lr")
     ax1.legend(), ax2.legend(fontsize=8)
@@ -256,6 +257,7 @@ def part_batch_size(cfg: StudyConfig, out: Path, log: Log) -> Section:
                     label=norm, capsize=3)
     ax.set(xscale="log", xlabel="batch size (log scale)", ylabel="validation error %", title="error vs batch size")
     ax.set_xticks(list(cfg.batch_sizes), [str(b) for b in cfg.batch_sizes])
+    ax.set_xticks([], minor=True)
     ax.legend()
     save(fig, out, "study_batch_size.png", sec, "Validation error against batch size at matched epochs.")
     sec.data["err"] = {f"{k[0]}@{k[1]}": v for k, v in err.items()}
@@ -417,6 +419,24 @@ def part_landscape(cfg: StudyConfig, out: Path, log: Log) -> Section:
                     f"{b['grad_norm']:.3g}): with PyTorch's default initialization its signal shrinks through the "
                     "unnormalized layers, so it sits on a flat, slowly-moving part of the landscape. The paper "
                     "compares two networks that both train; here the comparison mixes landscape and progress.", "")
+    last_step = max((st for runs in history.values() for run in runs for st, _ in run), default=0)
+    half = last_step / 2
+    late_rows, late = [], {}
+    for norm in cfg.land_norms:
+        ms = [m for run in history[norm] for st, m in run if st >= half]
+        late[norm] = {k: mean_std([getattr(m, k) for m in ms])[0] for k in keys}
+        late_rows.append([norm, str(len(ms))] + [f"{late[norm][k]:.4g}" for k in keys])
+    sec.add(f"The same figures over the second half of training only (probes at steps >= {half:.0f}), away from "
+            "the initialization:", "")
+    sec.add(*table(["norm", "probes", "loss range", "grad predictiveness", "beta-smoothness", "gradient norm"],
+                   late_rows))
+    if "batch" in late and "none" in late:
+        smaller = [label for key, label in (("loss_range", "loss range"), ("grad_pred", "gradient change"),
+                                            ("beta_smooth", "effective beta-smoothness"))
+                   if late["batch"][key] < late["none"][key]]
+        head = (f"In the second half, batch norm has the smaller {', '.join(smaller)}" if smaller else
+                "In the second half, batch norm has none of the three figures smaller than no normalization")
+        sec.add(f"{head} ({len(smaller)} of 3 as in the paper).", "")
     fig, axes = plt_figure(3, width=4.3)
     for i, norm in enumerate(cfg.land_norms):
         for j, key in enumerate(("loss_range", "grad_pred", "beta_smooth")):
