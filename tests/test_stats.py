@@ -170,6 +170,8 @@ def test_every_figure_against_manual_computation() -> None:
     collector.record_updates()
     collector.detach()
     assert _hooks(net) == before
+    # conv, bn and fc outputs and their gradients; the bn input is the conv output, summarized once
+    assert collector.summaries == 6
     stats = collector.finalize()
     s = stats.scalars
     assert stats.order == ["conv", "bn", "fc"]

@@ -36,7 +36,7 @@ from lightning_bn.moments import (
 )
 from lightning_bn.stats._histogram import LogBins, bin_counts, histogram_edges, trim_histogram
 from lightning_bn.stats._select import has_batch_stats, is_norm
-from lightning_bn.stats._summary import summarize
+from lightning_bn.stats._summary import summary_row
 
 __all__ = ["LayerStats", "LayerStatsCollector", "ACTIVATION_STATS", "ACTIVATION_GRAD_STATS", "in_backward_pass"]
 
@@ -143,8 +143,8 @@ class LayerStatsCollector:
     # ------------------------------------------------------------------ state
     def _reset(self) -> None:
         self._slots: list[int] = []
-        self._recent: dict[int, tuple[Any, int, Tensor]] = {}  # the last output summarized (weak reference)
-        self._summaries: list[Tensor] = []
+        self._recent: dict[int, tuple[Any, int, Tensor | list[float]]] = {}  # the last output summarized (weakref)
+        self._summaries: list[Tensor | list[float]] = []  # rows read back on the CPU are lists
         self._hist: dict[int, Tensor] = {}
         self._bn_moments: dict[int, Tensor] = {}
         self._bn_running: dict[int, Tensor] = {}
@@ -157,6 +157,7 @@ class LayerStatsCollector:
         self._before: dict[int, Tensor] = {}
         self._param_hist: dict[tuple[str, int], Tensor] = {}
         self.forwards = 0  # forward hook calls counted this collection (for tests and diagnostics)
+        self.summaries = 0  # tensors summarized this collection (a norm input that was just summarized is not again)
 
     @property
     def attached(self) -> bool:
@@ -209,12 +210,13 @@ class LayerStatsCollector:
                     self._ordered.add(i)
                     self._order.append(i)
                 if self.activations:
+                    # the input first: it is usually the previous watched output, still in the one-entry cache
+                    if self.is_norm[i] and args and isinstance(args[0], Tensor):
+                        self._add_summary(3 * i + _IN, args[0])
                     for t in outputs:
                         self._add_summary(3 * i + _OUT, t)
                         if self.histograms:
                             self._add_hist(i, t)
-                    if self.is_norm[i] and args and isinstance(args[0], Tensor):
-                        self._add_summary(3 * i + _IN, args[0])
                 if self.batch_norm and i in self._bn_running and args and isinstance(args[0], Tensor):
                     self._add_bn_moments(i, module, args[0])
             if self.activation_grads:
@@ -241,7 +243,8 @@ class LayerStatsCollector:
             summary = cached[2]
         else:
             # gradients: RMS, max and non-finite fraction only (ACTIVATION_GRAD_STATS), no sum or zeros
-            summary = summarize(t, self.zero_tol, full=slot % 3 != _GRAD)
+            summary = summary_row(t, self.zero_tol, full=slot % 3 != _GRAD)
+            self.summaries += 1
             if slot % 3 == _OUT and version is not None:
                 self._recent = {key: (weakref.ref(t), version, summary)}
         self._slots.append(slot)
@@ -303,6 +306,37 @@ class LayerStatsCollector:
         self._before = {}
 
     # ------------------------------------------------------------------ reduction
+    def _bn_figures(
+        self, out: LayerStats, host: np.ndarray, pos: int, bns: list[int], mods: list[nn.Module], sizes: list[int]
+    ) -> int:
+        """Batch-norm figures of every layer from the reduced block (laid out in ``finalize``); returns the new pos."""
+        total, count = sum(sizes), len(sizes)
+        chunk = host[pos : pos + 8 * total + 2 * count]
+        moments = torch.from_numpy(chunk[: 3 * total].reshape(3, total))
+        snap_mean, snap_var = chunk[3 * total : 4 * total], chunk[4 * total : 5 * total]
+        rm_sum, rm_sq, rv_sum = chunk[5 * total : 6 * total], chunk[6 * total : 7 * total], chunk[7 * total : 8 * total]
+        seen, procs = chunk[8 * total : 8 * total + count], chunk[8 * total + count :]
+        layer = np.repeat(np.arange(count), sizes)  # channel -> layer
+        starts = np.cumsum([0] + sizes[:-1])
+        eps = np.repeat([float(getattr(m, "eps", 1e-5)) for m in mods], sizes)
+        n = np.asarray(sizes, dtype=np.float64)
+        rm_mean, rv_mean = rm_sum / procs[layer], rv_sum / procs[layer]
+        rm_var = np.clip(rm_sq / procs[layer] - rm_mean * rm_mean, 0.0, None)
+        spread = (np.add.reduceat(np.sqrt(rm_var) / np.sqrt(rv_mean + eps), starts) / n).tolist()
+        mu_b, var_b = (t.numpy() for t in mean_var(moments, unbiased=True))
+        seen_safe = np.maximum(seen, 1.0)[layer]  # layers not seen are skipped below
+        ref_mean, ref_var = snap_mean / seen_safe, snap_var / seen_safe
+        mean_shift = (np.add.reduceat(np.abs(mu_b - ref_mean) / np.sqrt(ref_var + eps), starts) / n).tolist()
+        var_shift = (np.add.reduceat(np.abs(np.log((var_b + eps) / (ref_var + eps))), starts) / n).tolist()
+        pre = self.prefix
+        for b, i in enumerate(bns):
+            name = self.names[i]
+            out.scalars[f"{pre}bn/running_spread/{name}"] = spread[b]
+            if seen[b] > 0:
+                out.scalars[f"{pre}bn/mean_shift/{name}"] = mean_shift[b]
+                out.scalars[f"{pre}bn/var_shift/{name}"] = var_shift[b]
+        return pos + 8 * total + 2 * count
+
     def _row_keys(self) -> list[tuple[int, list[tuple[str, str]]]]:
         """``(summary row, [(statistic, metric key), ...])`` in the order the keys are written (built once)."""
         if self._keys is None:
@@ -319,7 +353,8 @@ class LayerStatsCollector:
 
     def _device(self) -> torch.device:
         for t in self._summaries:
-            return t.device
+            if isinstance(t, Tensor):
+                return t.device
         for _, m in self.modules:
             for t in m.parameters(recurse=False):
                 return t.device
@@ -344,7 +379,10 @@ class LayerStatsCollector:
         n_mod = len(self.modules)
         summ = torch.zeros(3 * n_mod, _NF, dtype=dt, device=dev)
         if self._summaries:
-            stacked = torch.stack([s.to(dev, dt) for s in self._summaries])
+            if all(isinstance(s, list) for s in self._summaries):  # read back already (CPU): one tensor from them all
+                stacked = torch.tensor(self._summaries, dtype=dt, device=dev)
+            else:
+                stacked = torch.stack([torch.as_tensor(s).to(dev, dt) for s in self._summaries])
             index = torch.tensor(self._slots, device=dev)
             summ = summ.index_add(0, index, stacked)
             amax = torch.zeros(3 * n_mod, dtype=dt, device=dev).scatter_reduce(
@@ -354,16 +392,22 @@ class LayerStatsCollector:
         parts = [summ.reshape(-1)]
         mask = [torch.zeros(3 * n_mod, _NF, dtype=torch.bool, device=dev)]
         mask[0][:, _ABS_MAX] = True
-        bn_sizes = []
-        for i in self.bn_index if self.batch_norm else []:
-            m = self.modules[i][1]
-            c = m.running_mean.numel()
-            bn_sizes.append(c)
-            moments = self._bn_moments.get(i, torch.zeros(3, c, dtype=dt, device=dev))
-            snapshot = self._bn_running.get(i, torch.zeros(2 * c, dtype=dt, device=dev))
-            seen = torch.ones(1, dtype=dt, device=dev) * float(i in self._bn_moments)
-            rm, rv = m.running_mean.detach().to(dev, dt), m.running_var.detach().to(dev, dt)
-            parts += [moments.reshape(-1), snapshot * seen, rm, rm * rm, rv, seen, torch.ones(1, dtype=dt, device=dev)]
+        # Batch-norm layers, all at once: moments (3, S) | running-mean and -var snapshots | running mean, its square
+        # and running var now | seen per layer | 1 per layer (counts the processes); S = channels of every layer.
+        bns = self.bn_index if self.batch_norm else []
+        bn_mods = [self.modules[i][1] for i in bns]
+        bn_sizes = [m.running_mean.numel() for m in bn_mods]
+        if bns:
+            seen_list = [float(i in self._bn_moments) for i in bns]
+            moments = torch.cat([self._bn_moments[i] if i in self._bn_moments
+                                 else torch.zeros(3, c, dtype=dt, device=dev) for i, c in zip(bns, bn_sizes)], dim=1)
+            snaps = [self._bn_running[i].to(dev, dt) if seen and i in self._bn_running
+                     else torch.zeros(2 * c, dtype=dt, device=dev) for i, c, seen in zip(bns, bn_sizes, seen_list)]
+            rm = torch.cat([m.running_mean.detach() for m in bn_mods]).to(dev, dt)
+            rv = torch.cat([m.running_var.detach() for m in bn_mods]).to(dev, dt)
+            parts += [moments.reshape(-1), torch.cat([sn[:c] for sn, c in zip(snaps, bn_sizes)]),
+                      torch.cat([sn[c:] for sn, c in zip(snaps, bn_sizes)]), rm, rm * rm, rv,
+                      torch.tensor(seen_list + [1.0] * len(bns), dtype=dt, device=dev)]
         hist_mods = list(range(n_mod)) if (self.histograms and self.activations) else []
         nb = self.bins.num_bins
         for i in hist_mods:
@@ -414,26 +458,8 @@ class LayerStatsCollector:
                     out.scalars[key] = figs[stat][row]
         abs_max_out = table[_OUT::3, _ABS_MAX]
 
-        for i, c in zip(self.bn_index if self.batch_norm else [], bn_sizes):
-            m, name = self.modules[i][1], self.names[i]
-            chunk = host[pos : pos + 3 * c + 2 * c + 3 * c + 2]
-            pos += 3 * c + 2 * c + 3 * c + 2
-            moments = torch.from_numpy(chunk[: 3 * c].reshape(3, c))
-            snapshot = chunk[3 * c : 5 * c]
-            rm_sum, rm_sq, rv_sum = chunk[5 * c : 6 * c], chunk[6 * c : 7 * c], chunk[7 * c : 8 * c]
-            seen, procs = chunk[8 * c], chunk[8 * c + 1]
-            eps = float(getattr(m, "eps", 1e-5))
-            rm_mean, rv_mean = rm_sum / procs, rv_sum / procs
-            rm_var = np.clip(rm_sq / procs - rm_mean * rm_mean, 0.0, None)
-            out.scalars[f"{pre}bn/running_spread/{name}"] = float(np.mean(np.sqrt(rm_var) / np.sqrt(rv_mean + eps)))
-            if seen > 0:
-                mu_b, var_b = (t.numpy() for t in mean_var(moments, unbiased=True))
-                ref_mean, ref_var = snapshot[:c] / seen, snapshot[c:] / seen
-                sigma = np.sqrt(ref_var + eps)
-                out.scalars[f"{pre}bn/mean_shift/{name}"] = float(np.mean(np.abs(mu_b - ref_mean) / sigma))
-                out.scalars[f"{pre}bn/var_shift/{name}"] = float(
-                    np.mean(np.abs(np.log((var_b + eps) / (ref_var + eps))))
-                )
+        if bns:
+            pos = self._bn_figures(out, host, pos, bns, bn_mods, bn_sizes)
         for i in hist_mods:
             counts = host[pos : pos + nb]
             pos += nb

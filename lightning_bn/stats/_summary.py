@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["summarize"]
+__all__ = ["summarize", "summary_row"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Sums of 0/1 indicators are exact in float32 below 2**24 terms, whatever the summation order.
@@ -41,6 +41,15 @@ def summarize(x: Tensor, zero_tol: float = 0.0, sync_free: bool | None = None, f
         full: also the sum and the zeros; false leaves both 0 (two passes fewer, for gradients, whose figures are
             the RMS, the maximum and the non-finite fraction).
     """
+    row = summary_row(x, zero_tol, sync_free, full)
+    return torch.tensor(row, dtype=torch.float64) if isinstance(row, list) else row
+
+
+def summary_row(x: Tensor, zero_tol: float = 0.0, sync_free: bool | None = None, full: bool = True) -> Tensor | list:
+    """:func:`summarize`, but where it read the figures back to the host it returns them as a list of 6 floats.
+
+    The collector stacks many rows into one tensor at once, which saves a tensor construction per watched tensor.
+    """
     x = x.detach()
     if x.dtype in _LOW_PRECISION:
         x = x.float()
@@ -55,8 +64,8 @@ def summarize(x: Tensor, zero_tol: float = 0.0, sync_free: bool | None = None, f
         lo, hi = torch.aminmax(flat)
         parts = [torch.dot(flat, flat), lo, hi] + ([flat.sum(), _count_above(flat, zero_tol)] if full else [])
         sum_sq, low, high, total, above = torch.stack(parts).tolist() + ([] if full else [0.0, n])
-        if math.isfinite(sum_sq):  # no masking needed; float64 keeps counts above 2**24 exact
-            return torch.tensor([n, total, sum_sq, max(-low, high), n - above, 0.0], dtype=torch.float64)
+        if math.isfinite(sum_sq):  # no masking needed; Python floats keep counts above 2**24 exact
+            return [float(n), total, sum_sq, max(-low, high), n - above, 0.0]
     return _summarize_masked(flat, zero_tol, full)
 
 
