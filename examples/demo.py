@@ -4,6 +4,7 @@
     python -m examples.demo --quick         # a few steps of a few runs (the end-to-end test uses it)
     python -m examples.demo --logdir DIR    # where the logs go (default: demo_logs)
     python -m examples.demo --no-wandb      # TensorBoard only
+    python -m examples.demo --threads 2     # torch threads (default 1)
 
 Every run starts from the example as written (the CNN with batch norm, the transformer with layer norm) and gets
 its normalization from ``NormSwap``; every run has ``LayerStatsMonitor`` on (per-layer statistics, histograms and
@@ -212,7 +213,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--quick", action="store_true", help="a few steps of a few runs (for tests)")
     parser.add_argument("--logdir", default="demo_logs", help="log directory (TensorBoard and W&B)")
     parser.add_argument("--no-wandb", action="store_true", help="write TensorBoard logs only")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: these small models gain little from more, and extra threads "
+                             "spin against any other load on the cores)")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be a positive integer, got {args.threads}")
+    torch.set_num_threads(args.threads)
     logdir = Path(args.logdir)
     use_wandb = not args.no_wandb
     if use_wandb:

@@ -68,18 +68,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--logdir", type=Path, default=Path("demo_logs"))
     parser.add_argument("--out", type=Path, default=Path("docs/tensorboard_custom_scalars.png"))
     parser.add_argument("--dashboard", default="custom_scalars", help="custom_scalars, scalars, histograms, images")
-    parser.add_argument("--runs", default="", help="regex of runs to show (TensorBoard's run filter)")
+    parser.add_argument("--runs", nargs="*", default=[],
+                        help="runs to show, as paths under --logdir (e.g. cnn/batch); default: all")
     parser.add_argument("--width", type=int, default=1600)
     parser.add_argument("--height", type=int, default=1000)
     parser.add_argument("--wait", type=float, default=20.0, help="seconds of virtual time to render")
     args = parser.parse_args(argv)
     if not args.logdir.is_dir():
         raise SystemExit(f"--logdir {args.logdir} does not exist: run `make demo` first")
+    with tempfile.TemporaryDirectory() as selected:
+        logdir = args.logdir
+        if args.runs:  # serve a copy holding only the chosen runs
+            for run in args.runs:
+                if not (args.logdir / run).is_dir():
+                    raise SystemExit(f"--runs {run}: no such run under {args.logdir}")
+                shutil.copytree(args.logdir / run, Path(selected) / run)
+            logdir = Path(selected)
+        capture(args, logdir)
+    print(f"wrote {args.out} ({args.dashboard} of {args.logdir} {' '.join(args.runs)})")
+
+
+def capture(args: argparse.Namespace, logdir: Path) -> None:
     port = free_port()
-    proc = start_tensorboard(args.logdir, port)
+    proc = start_tensorboard(logdir, port)
     try:
-        query = f"?runFilter={args.runs}" if args.runs else ""
-        url = f"http://127.0.0.1:{port}/{query}#{args.dashboard}"
+        url = f"http://127.0.0.1:{port}/#{args.dashboard}"
         args.out.parent.mkdir(parents=True, exist_ok=True)
         screenshot(url, args.out, args.width, args.height, args.wait)
     finally:
@@ -88,7 +101,6 @@ def main(argv: list[str] | None = None) -> None:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
-    print(f"wrote {args.out} ({args.dashboard} of {args.logdir})")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from examples import demo
 from tests.tb_utils import find_wandb_offline_runs, get_json, poll_json, read_wandb_offline_run, tensorboard_server
@@ -15,12 +16,14 @@ def demo_run(tmp_path_factory):
     mp.setenv("WANDB_MODE", "offline")
     mp.setenv("WANDB_DIR", str(logdir))
     mp.delenv("WANDB_API_KEY", raising=False)
+    threads = torch.get_num_threads()
     try:
         results = demo.main(["--quick", "--logdir", str(logdir)])
     finally:
         import wandb
 
         wandb.teardown()  # wandb keeps its settings (the run directory) process-wide: leave none for later tests
+        torch.set_num_threads(threads)  # the demo sets its own thread count
         mp.undo()
     return logdir, results
 
