@@ -200,6 +200,30 @@ def table(model_name: str, results: dict[str, dict[str, Any]], device: str) -> s
     return "\n".join(lines)
 
 
+def targets(results: dict[str, dict[str, Any]]) -> str:
+    """The issue's targets against this table: ratios over baseline and the added time over wandb.watch's."""
+    base = results["baseline"]["step_ms"]
+    wb = results.get("wandb-logger", {}).get("step_ms")
+    lines = []
+    for variant, limit in (("monitor/50", 1.03), ("monitor/1", 1.3)):
+        if variant in results:
+            ratio = results[variant]["step_ms"] / base
+            verdict = "met" if ratio <= limit else "NOT met"
+            lines.append(f"{variant} / baseline = {ratio:.3f} (target <= {limit}: {verdict})")
+    for n in (50, 1):
+        mon, watch = results.get(f"monitor/{n}"), results.get(f"wandb.watch/{n}")
+        if mon and watch and wb:
+            added, watch_added = mon["step_ms"] - base, watch["step_ms"] - wb
+            verdict = "met" if added <= 0.5 * max(watch_added, 0.0) else "NOT met"
+            lines.append(f"monitor/{n} adds {added:+.2f} ms, wandb.watch/{n} adds {watch_added:+.2f} ms "
+                         f"(target: at most half: {verdict})")
+    return "Targets: " + "; ".join(lines) + "." if lines else ""
+
+
+def _rounds_text(runs: dict[str, list[dict[str, Any]]]) -> str:
+    return "; ".join(f"{v} " + "/".join(f"{r['step_ms']:.1f}" for r in rs) for v, rs in runs.items())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["cnn", "transformer"], choices=["cnn", "transformer"])
@@ -208,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--transformer-steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--rounds", type=int, default=1, help="runs per variant; the fastest is reported")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per variant; the median run is reported")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     variants = ["baseline"] + [v for v in args.variants if v != "baseline"]
@@ -222,16 +246,21 @@ def main(argv: list[str] | None = None) -> None:
             for variant in variants if r % 2 == 0 else variants[::-1]:
                 runs[variant].append(measure(model_name, variant, steps, args.warmup, args.device))
                 print(model_name, variant, json.dumps(runs[variant][-1]), flush=True)
-        results = {v: min(rs, key=lambda x: x["step_ms"]) for v, rs in runs.items()}  # the least disturbed round
+        # the median run (the lower middle one for an even count): one disturbed round moves nothing
+        results = {v: sorted(rs, key=lambda x: x["step_ms"])[(len(rs) - 1) // 2] for v, rs in runs.items()}
         raw[model_name] = results
-        sections.append(f"{table(model_name, results, args.device)}\n\n{steps} timed steps after {args.warmup} "
-                        f"warm-up steps; fastest of {args.rounds} round(s).")
+        sections.append(f"{table(model_name, results, args.device)}\n\n{targets(results)}\n\n{steps} timed steps after "
+                        f"{args.warmup} warm-up steps; median of {args.rounds} round(s), variants interleaved (order "
+                        f"reversed every other round); every round's step ms: {_rounds_text(runs)}.")
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "none used"
     command = "python -m benchmarks.overhead " + " ".join(argv if argv is not None else sys.argv[1:])
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     text = (
         "## LayerStatsMonitor overhead\n\n"
         f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-        f"GPU: {gpu}; torch {torch.__version__}; device {args.device}.\n\n"
+        f"GPU: {gpu}; torch {torch.__version__}; device {args.device}"
+        + (f"; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)" if load else "")
+        + ".\n\n"
         f"Command: `{command.strip()}`\n\n"
         "Mean training-step time (forward, backward, optimizer step and the monitor's own work; logging steps "
         "amortized), each variant a separate `Trainer.fit` in its own process with a TensorBoard logger. "
