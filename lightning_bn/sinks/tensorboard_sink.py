@@ -168,8 +168,9 @@ def _is_torch_writer(writer: Any) -> bool:
     return isinstance(writer, SummaryWriter)
 
 
-def _metric_prefix(logger: TensorBoardLogger) -> str:
+def _metric_prefix(logger: Any) -> str:
     """What ``logger.log_metrics`` puts before each key: the logger's ``prefix`` and its join character, or ''."""
     # Lightning keeps the constructor's `prefix` in `_prefix` and has no public accessor for it.
     prefix = getattr(logger, "_prefix", "")
-    return f"{prefix}{logger.LOGGER_JOIN_CHAR}" if isinstance(prefix, str) and prefix else ""
+    join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
+    return f"{prefix}{join}" if isinstance(prefix, str) and prefix else ""

@@ -452,10 +452,10 @@ class LayerStatsCollector:
         table[grad_rows, _ABS_MAX] *= abs(s)
         figs = {k: v.tolist() for k, v in summary_to_figures(torch.from_numpy(table)).items()}
         seen_rows = (table[:, 0] + table[:, SUMMARY_FIELDS.index("nonfinite")] > 0).tolist()
-        for row, keys in self._row_keys():
+        for row, row_keys in self._row_keys():
             if seen_rows[row]:
-                for stat, key in keys:
-                    out.scalars[key] = figs[stat][row]
+                for stat, metric in row_keys:
+                    out.scalars[metric] = figs[stat][row]
         abs_max_out = table[_OUT::3, _ABS_MAX]
 
         if bns:
