@@ -84,10 +84,13 @@ class TensorBoardSink(LoggerSink):
         if writer is None or not values:
             return
         file_writer = getattr(writer, "file_writer", None) if _is_torch_writer(writer) else None
-        if file_writer is None:  # a closed writer (log_metrics reopens it) or tensorboardX's, with its own protos
-            self.logger.log_metrics(values, step)
+        if file_writer is None:  # a closed writer (add_scalar reopens it) or tensorboardX's, with its own protos
+            for tag, value in values.items():
+                writer.add_scalar(tag, value, step)
             return
-        file_writer.add_summary(scalar_summary(values, _metric_prefix(self.logger)), step)
+        # The keys are written as given, like the histograms and images: a TensorBoardLogger's `prefix` is not
+        # applied (Lightning offers no public way to read it).
+        file_writer.add_summary(scalar_summary(values), step)
 
     @override
     def set_layout(self, charts: Mapping[str, Sequence[str]]) -> None:
@@ -166,11 +169,3 @@ def _is_torch_writer(writer: Any) -> bool:
     except ImportError:  # no tensorboard package: the logger runs on tensorboardX
         return False
     return isinstance(writer, SummaryWriter)
-
-
-def _metric_prefix(logger: Any) -> str:
-    """What ``logger.log_metrics`` puts before each key: the logger's ``prefix`` and its join character, or ''."""
-    # Lightning keeps the constructor's `prefix` in `_prefix` and has no public accessor for it.
-    prefix = getattr(logger, "_prefix", "")
-    join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
-    return f"{prefix}{join}" if isinstance(prefix, str) and prefix else ""
