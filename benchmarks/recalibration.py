@@ -28,6 +28,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -78,52 +79,44 @@ def throughput(rounds: int, num_batches: int, batch_size: int) -> list[tuple[str
 
 
 @torch.no_grad()
+def _feed_bn_inputs(
+    model: nn.Module, batches: list[tuple[Tensor, Tensor]], record: Callable[[str, Tensor], None]
+) -> None:
+    """Run the batches with batch norm in train mode (batch statistics), handing each layer's input (float64) to
+    ``record(name, x)``; the model's state and modes are restored afterwards."""
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, name=n: record(name, args[0].double()))
+        for n, m in _bn_layers(model)
+    ]
+    model.eval()
+    for _, m in _bn_layers(model):
+        m.train()
+    saved = copy.deepcopy(model.state_dict())
+    try:
+        for x, _ in batches:
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.load_state_dict(saved)
+        model.eval()
+
+
 def population_variances(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
     """Exact variance of each layer's inputs (batch norm normalizing with batch statistics), by concatenation."""
     inputs: dict[str, list[Tensor]] = {}
-    hooks = [
-        m.register_forward_pre_hook(lambda mod, args, name=n: inputs.setdefault(name, []).append(args[0].double()))
-        for n, m in _bn_layers(model)
-    ]
-    model.eval()
-    for _, m in _bn_layers(model):
-        m.train()
-    saved = copy.deepcopy(model.state_dict())
-    try:
-        for x, _ in batches:
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.load_state_dict(saved)
-        model.eval()
+    _feed_bn_inputs(model, batches, lambda name, x: inputs.setdefault(name, []).append(x))
     return {n: torch.cat([t.movedim(1, -1).reshape(-1, t.shape[1]) for t in v]).var(0) for n, v in inputs.items()}
 
 
-@torch.no_grad()
 def per_batch_variance_average(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
     """pycls / fvcore style: the mean over batches of each batch's variance."""
     sums: dict[str, Tensor] = {}
-    hooks = [
-        m.register_forward_pre_hook(
-            lambda mod, args, name=n: sums.__setitem__(
-                name, sums.get(name, 0) + args[0].double().var((0, 2, 3), unbiased=False)
-            )
-        )
-        for n, m in _bn_layers(model)
-    ]
-    model.eval()
-    for _, m in _bn_layers(model):
-        m.train()
-    saved = copy.deepcopy(model.state_dict())
-    try:
-        for x, _ in batches:
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.load_state_dict(saved)
-        model.eval()
+
+    def record(name: str, x: Tensor) -> None:
+        sums[name] = sums.get(name, 0) + x.var((0, 2, 3), unbiased=False)
+
+    _feed_bn_inputs(model, batches, record)
     return {n: s / len(batches) for n, s in sums.items()}
 
 

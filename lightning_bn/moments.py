@@ -17,7 +17,6 @@ Outside an initialized process group (or with one process) both return their inp
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,7 +35,6 @@ __all__ = [
     "tensor_summary",
     "summary_to_figures",
     "SUMMARY_FIELDS",
-    "SUMMARY_MAX_FIELDS",
 ]
 
 # Row indices of a (3, C) channel-moments tensor.
@@ -150,7 +148,6 @@ def reduce_across_processes(
 
 # A tensor summary: what the monitor keeps of one activation or gradient tensor, as sums and maxima.
 SUMMARY_FIELDS = ("count", "sum", "sum_sq", "abs_max", "zeros", "nonfinite")
-SUMMARY_MAX_FIELDS = ("abs_max",)
 
 
 def tensor_summary(x: Tensor, zero_tol: float = 0.0, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -192,9 +189,3 @@ def summary_to_figures(summary: Tensor) -> dict[str, Tensor]:
         "frac_zero": zeros / numel,
         "frac_nonfinite": nonfinite / numel,
     }
-
-
-def max_mask_for(fields: Sequence[str], repeats: int, device: torch.device | None = None) -> Tensor:
-    """Boolean mask marking max-reduced entries of ``repeats`` summaries laid out one after another."""
-    one = torch.tensor([f in SUMMARY_MAX_FIELDS for f in fields], device=device)
-    return one.repeat(repeats)

@@ -166,9 +166,15 @@ class BatchRenorm(_LayoutBatchNorm):
 
     def current_bounds(self) -> tuple[float, float]:
         """``(rmax, dmax)`` in force for the next training batch."""
+        rmax, dmax = self._bounds(torch.float64)
+        return float(rmax), float(dmax)
+
+    def _bounds(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(rmax, dmax)`` as tensors on the buffers' device: no host read of the step counter per forward."""
         assert self.num_batches_tracked is not None
-        done = 1.0 if self.warmup_steps == 0 else min(1.0, float(self.num_batches_tracked) / self.warmup_steps)
-        return 1.0 + (self.rmax - 1.0) * done, self.dmax * done
+        steps = self.num_batches_tracked.to(torch.float64)
+        done = torch.ones_like(steps) if self.warmup_steps == 0 else (steps / self.warmup_steps).clamp(max=1.0)
+        return (1.0 + (self.rmax - 1.0) * done).to(dtype), (self.dmax * done).to(dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -189,8 +195,8 @@ class BatchRenorm(_LayoutBatchNorm):
         std = (var + self.eps).sqrt()
         assert self.running_mean is not None and self.running_var is not None
         running_std = (self.running_var + self.eps).sqrt()
-        rmax, dmax = self.current_bounds()
         with torch.no_grad():
+            rmax, dmax = self._bounds(std.dtype)
             r = (std / running_std).clamp(1.0 / rmax, rmax)
             d = ((mean - self.running_mean) / running_std).clamp(-dmax, dmax)
         x_hat = (input - _broadcast(mean, input, cdim)) * _broadcast(r / std, input, cdim) + _broadcast(d, input, cdim)

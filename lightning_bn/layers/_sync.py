@@ -120,7 +120,9 @@ class SyncBatchNorm(_BatchNorm):
     def _synchronized_forward(self, input: Tensor, cdim: int, factor: float) -> Tensor:
         moments = all_reduce_sum(channel_moments(input, cdim), self.process_group)  # (3, C) over the union batch
         count = moments[COUNT][0].detach()
-        if float(count) <= 1.0:  # the same on every process: all raise, none waits
+        # Only a process with at most one value per channel of its own can be part of a global batch that small:
+        # the others skip the host read. Then every process of such a batch reads the count and raises; none waits.
+        if input.numel() <= input.shape[cdim] and float(count) <= 1.0:
             raise ValueError(
                 f"expected more than 1 value per channel in the batch of all processes together, got {int(count)} "
                 f"(this process's input: {tuple(input.shape)})"
