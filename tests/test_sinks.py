@@ -21,6 +21,7 @@ from lightning_bn.sinks import (
     Sink,
     TensorBoardSink,
     WandbSink,
+    fast_tensorboard_checksums,
     histogram_summary,
     matplotlib_available,
     merge_bins,
@@ -343,6 +344,53 @@ def test_tensorboard_scalars_one_event_per_call_keys_as_given(tmp_path):
     assert scalars["grad/norm/fc.weight"] == [(8, 2.0)] and scalars["act/std/fc"] == [(8, 0.5)]
     expected = {k: [(7, v)] for k, v in metrics.items()}
     assert {k: v for k, v in scalars.items() if k.startswith("act/std/layer")} == expected
+
+
+def test_tensorboard_scalars_same_keys_every_step_keep_each_steps_values(tmp_path):
+    # the Summary is built once for a set of keys and its values replaced: every step must keep its own values
+    logger = TensorBoardLogger(tmp_path, name="run", default_hp_metric=False)
+    sink = TensorBoardSink(logger)
+    for step in range(4):
+        sink.log_scalars({"act/std/a": 1.0 + step, "act/std/b": -2.0 * step}, step)
+    sink.log_scalars({"act/std/b": 9.0, "act/std/a": 8.0}, 4)  # same keys, another order: a Summary of its own
+    sink.log_scalars({"act/std/a": 7.0}, 5)
+    sink.flush()
+    scalars = read_tb_scalars(logger.log_dir)
+    assert scalars["act/std/a"] == [(0, 1.0), (1, 2.0), (2, 3.0), (3, 4.0), (4, 8.0), (5, 7.0)]
+    assert scalars["act/std/b"] == [(0, 0.0), (1, -2.0), (2, -4.0), (3, -6.0), (4, 9.0)]
+
+
+def test_fast_checksums_are_tensorboards_own_and_files_read_back(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference
+    from tensorboard.summary.writer import record_writer
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_bn.sinks.checksum import masked_crc32c
+
+    rng = np.random.default_rng(0)
+    for size in (0, 1, 7, 8, 9, 255, 1000, 9250):
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        assert masked_crc32c(data) == reference(data), size
+    original = record_writer.masked_crc32c
+    monkeypatch.setattr(record_writer, "masked_crc32c", original)  # restored after the test
+    if original is masked_crc32c:  # installed by an earlier sink in this process: start from TensorBoard's own
+        monkeypatch.setattr(record_writer, "masked_crc32c", reference)
+    off = TensorBoardSink(TensorBoardLogger(tmp_path, name="off"), fast_checksums=False)
+    assert off.fast_checksums is False and record_writer.masked_crc32c is reference
+    assert fast_tensorboard_checksums() is True and record_writer.masked_crc32c is masked_crc32c
+    assert fast_tensorboard_checksums() is True  # idempotent
+    writer = SummaryWriter(str(tmp_path / "fast"))
+    for step in range(3):
+        writer.add_scalar("x", float(step), step)
+    writer.add_image("img", np.zeros((4, 5, 3), dtype=np.uint8), 0, dataformats="HWC")
+    writer.close()
+    # TensorBoard's reader checks both checksums of every record with its own pure-Python CRC
+    (path,) = (tmp_path / "fast").glob("events.out.tfevents.*")
+    events = list(EventFileLoader(str(path)).Load())
+    assert sorted(v.tag for e in events for v in e.summary.value) == ["img", "x", "x", "x"]
+    assert read_tb_scalars(str(tmp_path / "fast"))["x"] == [(0, 0.0), (1, 1.0), (2, 2.0)]
+    assert TensorBoardSink(TensorBoardLogger(tmp_path, name="on")).fast_checksums is True
 
 
 def test_tensorboard_server_serves_every_plugin(tmp_path):

@@ -4,6 +4,7 @@
 histograms (bin edges and counts) and heatmaps (layers x steps), and ignores what its destination cannot show.
 """
 
+from lightning_bn.sinks.checksum import fast_tensorboard_checksums
 from lightning_bn.sinks.factory import sink_for_logger, sinks_for_loggers
 from lightning_bn.sinks.heatmap import matplotlib_available, pillow_available, render_heatmap
 from lightning_bn.sinks.histogram import HistogramSummary, histogram_summary, merge_bins
@@ -18,6 +19,7 @@ __all__ = [
     "Sink",
     "TensorBoardSink",
     "WandbSink",
+    "fast_tensorboard_checksums",
     "histogram_summary",
     "matplotlib_available",
     "merge_bins",

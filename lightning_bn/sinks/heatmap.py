@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,6 +79,7 @@ def _render_numpy(values: np.ndarray, cell_px: int) -> np.ndarray:
     return np.ascontiguousarray(image.repeat(cell_px, axis=0).repeat(cell_px, axis=1))
 
 
+@functools.lru_cache(maxsize=8)
 def _font(size: int) -> Any:
     from PIL import ImageFont
 

@@ -17,7 +17,8 @@ from lightning_bn.sinks._validate import (
     check_step,
     check_tag,
 )
-from lightning_bn.sinks.heatmap import BACKENDS, render_heatmap
+from lightning_bn.sinks.checksum import fast_tensorboard_checksums
+from lightning_bn.sinks.heatmap import BACKENDS, pillow_available, render_heatmap
 from lightning_bn.sinks.histogram import histogram_summary
 from lightning_bn.sinks.logger_sink import LoggerSink
 
@@ -29,8 +30,9 @@ class TensorBoardSink(LoggerSink):
 
     * :meth:`log_scalars` writes all the step's scalars as one event (one ``Summary`` with a value per key) to the
       logger's ``SummaryWriter`` instead of one event per key as ``logger.log_metrics`` does: hundreds of scalars per
-      step cost one queue entry for the writer thread, not hundreds. Tags and values are those ``log_metrics`` writes
-      (the logger's ``prefix`` included); a closed writer or one of tensorboardX falls back to ``log_metrics``.
+      step cost one queue entry for the writer thread, not hundreds. The tags are the keys as given (the logger's
+      ``prefix`` is not added: Lightning does not expose it); a closed writer or one of tensorboardX falls back to
+      ``add_scalar`` per key.
     * :meth:`set_layout` writes TensorBoard's custom-scalars layout: every chart becomes one multi-line chart in the
       category ``category``, holding every scalar whose tag matches one of its regexes (the *Custom Scalars* tab).
       Layouts from several calls are merged and written again in full.
@@ -40,7 +42,7 @@ class TensorBoardSink(LoggerSink):
       min/max as the outer edges of the non-empty bins and sum/sum of squares with every value at its bin centre
       (see :func:`~lightning_bn.sinks.histogram_summary`).
     * :meth:`log_heatmap` renders the values with :func:`~lightning_bn.sinks.render_heatmap` and writes the image
-      (``SummaryWriter.add_image``, HWC, uint8).
+      as PNG (the record ``SummaryWriter.add_image`` writes; ``add_image`` itself on tensorboardX).
 
     The histogram and image tags are written as given: the logger's ``prefix`` is not added to them.
 
@@ -49,6 +51,9 @@ class TensorBoardSink(LoggerSink):
         category: the custom-scalars category that holds the charts.
         heatmap_backend: ``"auto"``, ``"pillow"``, ``"matplotlib"`` or ``"numpy"``; see
             :func:`~lightning_bn.sinks.render_heatmap`.
+        fast_checksums: put ``google-crc32c``'s C checksum in place of TensorBoard's pure-Python one, process-wide
+            (:func:`~lightning_bn.sinks.fast_tensorboard_checksums`; the files are the same). ``self.fast_checksums``
+            tells whether it is in place.
 
     Raises:
         TypeError: if ``logger`` is not a ``TensorBoardLogger``.
@@ -65,7 +70,11 @@ class TensorBoardSink(LoggerSink):
     """
 
     def __init__(
-        self, logger: TensorBoardLogger, category: str = "lightning_bn", heatmap_backend: str = "auto"
+        self,
+        logger: TensorBoardLogger,
+        category: str = "lightning_bn",
+        heatmap_backend: str = "auto",
+        fast_checksums: bool = True,
     ) -> None:
         if not isinstance(logger, TensorBoardLogger):
             raise TypeError(f"`logger` must be a TensorBoardLogger, got {type(logger).__name__}")
@@ -74,7 +83,11 @@ class TensorBoardSink(LoggerSink):
         if heatmap_backend not in BACKENDS:
             raise ValueError(f"`heatmap_backend` must be one of {', '.join(BACKENDS)}, got {heatmap_backend!r}")
         self.heatmap_backend = heatmap_backend
+        # TensorBoard checksums every record in pure Python, holding the GIL: the largest single cost of logging
+        # every step (see lightning_bn.sinks.checksum). Same bytes, computed in C when google-crc32c is there.
+        self.fast_checksums = bool(fast_checksums) and fast_tensorboard_checksums()
         self._charts: dict[str, list[str]] = {}
+        self._scalar_cache: tuple[tuple[str, ...], Any] | None = None
 
     @override
     def log_scalars(self, metrics: Mapping[str, float], step: int) -> None:
@@ -89,8 +102,17 @@ class TensorBoardSink(LoggerSink):
                 writer.add_scalar(tag, value, step)
             return
         # The keys are written as given, like the histograms and images: a TensorBoardLogger's `prefix` is not
-        # applied (Lightning offers no public way to read it).
-        file_writer.add_summary(scalar_summary(values), step)
+        # applied (Lightning offers no public way to read it). The monitor logs the same keys at every logging step:
+        # the Summary is built once and its values replaced (add_summary copies it into the event).
+        tags = tuple(values)
+        if self._scalar_cache is not None and self._scalar_cache[0] == tags:
+            summary = self._scalar_cache[1]
+            for slot, value in zip(summary.value, values.values()):
+                slot.simple_value = value
+        else:
+            summary = scalar_summary(values)
+            self._scalar_cache = (tags, summary)
+        file_writer.add_summary(summary, step)
 
     @override
     def set_layout(self, charts: Mapping[str, Sequence[str]]) -> None:
@@ -147,7 +169,12 @@ class TensorBoardSink(LoggerSink):
         if writer is None:
             return
         image = render_heatmap(values_arr, rows, cols, title=tag, backend=self.heatmap_backend)
-        writer.add_image(tag, image, global_step=step, dataformats="HWC")
+        file_writer = getattr(writer, "file_writer", None) if _is_torch_writer(writer) else None
+        if file_writer is None or not pillow_available():
+            writer.add_image(tag, image, global_step=step, dataformats="HWC")
+            return
+        # add_image would resample the image (at scale 1) and deflate it at level 6; level 1 is ~2x faster.
+        file_writer.add_summary(image_summary(tag, image), step)
 
     @override
     def flush(self) -> None:
@@ -161,6 +188,20 @@ def scalar_summary(values: Mapping[str, float], prefix: str = "") -> Any:
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     return Summary(value=[Summary.Value(tag=prefix + tag, simple_value=value) for tag, value in values.items()])
+
+
+def image_summary(tag: str, image: np.ndarray) -> Any:
+    """A TensorBoard ``Summary`` holding an HWC uint8 RGB image as PNG (what ``add_image`` writes, deflated faster)."""
+    import io
+
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    height, width, channels = image.shape
+    encoded = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=buffer.getvalue())
+    return Summary(value=[Summary.Value(tag=tag, image=encoded)])
 
 
 def _is_torch_writer(writer: Any) -> bool:

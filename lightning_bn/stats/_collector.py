@@ -17,6 +17,7 @@ gradient hook fires only for a tensor that takes part in the backward pass, so e
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 
 from lightning_bn.moments import (
     SUMMARY_FIELDS,
-    channel_moments,
+    distributed_world_size,
     mean_var,
     reduce_across_processes,
     summary_to_figures,
@@ -64,6 +65,16 @@ def _float_tensors(obj: Any) -> Iterator[Tensor]:
     elif isinstance(obj, dict):
         for item in obj.values():
             yield from _float_tensors(item)
+
+
+def _on(t: Tensor, dev: torch.device) -> Tensor:
+    return t if t.device == dev else t.to(dev)
+
+
+def _norms(tensors: list[Tensor]) -> list[Tensor]:
+    """L2 norms of many tensors in one foreach kernel, in float32 at least (a half norm overflows at 65504)."""
+    low = any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
+    return list(torch._foreach_norm(tensors, 2, dtype=torch.float32) if low else torch._foreach_norm(tensors, 2))
 
 
 @dataclass
@@ -136,6 +147,8 @@ class LayerStatsCollector:
                     seen_params.add(id(p))
                     self.param_list.append((f"{name}.{pname}" if name else pname, p))
         self._handles: list[Any] = []
+        self._hooks = [self._make_hook(i) for i in range(len(self.modules))]
+        self._scratch_buffers: dict[torch.dtype, Tensor] = {}
         self._keys: list[tuple[int, list[tuple[str, str]]]] | None = None
         self.histograms = False
         self._reset()
@@ -146,15 +159,17 @@ class LayerStatsCollector:
         self._recent: dict[int, tuple[Any, int, Tensor | list[float]]] = {}  # the last output summarized (weakref)
         self._summaries: list[Tensor | list[float]] = []  # rows read back on the CPU are lists
         self._hist: dict[int, Tensor] = {}
-        self._bn_moments: dict[int, Tensor] = {}
-        self._bn_running: dict[int, Tensor] = {}
+        # batch-norm layers: per forward (layer, float32 (2, C) channel sums and sums of squares, values per channel)
+        self._bn_moments: list[tuple[int, Tensor, float]] = []
+        self._bn_snapshot: Tensor | None = None  # running means, then running variances, of every layer, at attach
         self._order: list[int] = []
         self._ordered: set[int] = set()
-        self._weight_norm: dict[int, Tensor] = {}
-        self._grad_norm: dict[int, Tensor] = {}
+        # parameter figures: (parameter indices, one 0-d tensor per index) per call
+        self._weight_norm: list[tuple[list[int], list[Tensor]]] = []
+        self._grad_norm: list[tuple[list[int], list[Tensor]]] = []
         self._grad_abs_max: dict[int, Tensor] = {}
-        self._update_norm: dict[int, Tensor] = {}
-        self._before: dict[int, Tensor] = {}
+        self._update_norm: list[tuple[list[int], list[Tensor]]] = []
+        self._before: tuple[list[int], list[Tensor]] | None = None
         self._param_hist: dict[tuple[str, int], Tensor] = {}
         self.forwards = 0  # forward hook calls counted this collection (for tests and diagnostics)
         self.summaries = 0  # tensors summarized this collection (a norm input that was just summarized is not again)
@@ -171,6 +186,9 @@ class LayerStatsCollector:
     def attach(self, histograms: bool = False) -> None:
         """Register the hooks and start a fresh collection.
 
+        The running statistics of the batch-norm layers are snapshotted here, in one copy: the batch-versus-running
+        figures compare each batch with the running statistics from before the collection's first forward.
+
         Raises:
             RuntimeError: already attached.
         """
@@ -179,10 +197,14 @@ class LayerStatsCollector:
         self._reset()
         self.histograms = bool(histograms)
         try:
+            if self.batch_norm and self.bn_index:
+                with torch.no_grad():
+                    mods = [self.modules[i][1] for i in self.bn_index]
+                    dev = mods[0].running_mean.device
+                    buffers = [m.running_mean.to(dev) for m in mods] + [m.running_var.to(dev) for m in mods]
+                    self._bn_snapshot = torch.cat(buffers).to(self.dtype)  # cat copies: later updates do not show
             for i, (_, module) in enumerate(self.modules):
-                if self.batch_norm and i in self.bn_index:
-                    self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(i)))
-                self._handles.append(module.register_forward_hook(self._make_hook(i)))
+                self._handles.append(module.register_forward_hook(self._hooks[i]))
         except BaseException:
             self.detach()
             raise
@@ -193,36 +215,45 @@ class LayerStatsCollector:
         for handle in handles:
             handle.remove()
 
-    def _make_pre_hook(self, i: int) -> Any:
-        def pre_hook(module: nn.Module, args: tuple) -> None:
-            if i not in self._bn_running and not in_backward_pass():
-                self._bn_running[i] = torch.cat([module.running_mean, module.running_var]).detach().to(self.dtype)
-
-        return pre_hook
+    def _scratch(self, like: Tensor) -> Tensor | None:
+        """A reusable 1-d buffer for ``like`` on the CPU (where a fresh large allocation costs page faults)."""
+        if like.device.type != "cpu":
+            return None
+        key = like.dtype
+        buf = self._scratch_buffers.get(key)
+        n = like.numel()
+        if buf is None or buf.numel() < n:
+            buf = self._scratch_buffers[key] = torch.empty(n, dtype=like.dtype)
+        return buf
 
     def _make_hook(self, i: int) -> Any:
+        out_slot, in_slot = 3 * i + _OUT, 3 * i + _IN
+        norm, bn = self.is_norm[i], i in self.bn_index
+        grad_hook = self._make_grad_hook(i)
+
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            recomputed = in_backward_pass()
-            outputs = list(_float_tensors(output))
-            if not recomputed:
+            outputs = [output] if type(output) is Tensor else list(_float_tensors(output))
+            if not in_backward_pass():
                 self.forwards += 1
                 if i not in self._ordered:
                     self._ordered.add(i)
                     self._order.append(i)
+                x = args[0] if args and isinstance(args[0], Tensor) else None
                 if self.activations:
                     # the input first: it is usually the previous watched output, still in the one-entry cache
-                    if self.is_norm[i] and args and isinstance(args[0], Tensor):
-                        self._add_summary(3 * i + _IN, args[0])
+                    if norm and x is not None:
+                        self._add_summary(in_slot, x)
                     for t in outputs:
-                        self._add_summary(3 * i + _OUT, t)
-                        if self.histograms:
-                            self._add_hist(i, t)
-                if self.batch_norm and i in self._bn_running and args and isinstance(args[0], Tensor):
-                    self._add_bn_moments(i, module, args[0])
+                        if t.is_floating_point() or t.is_complex():
+                            self._add_summary(out_slot, t)
+                            if self.histograms:
+                                self._add_hist(i, t)
+                if bn and self.batch_norm and x is not None:
+                    self._add_bn_moments(i, module, x)
             if self.activation_grads:
                 for t in outputs:
                     if t.requires_grad:
-                        t.register_hook(self._make_grad_hook(i))
+                        t.register_hook(grad_hook)
 
         return hook
 
@@ -230,7 +261,10 @@ class LayerStatsCollector:
         slot = 3 * i + _GRAD
 
         def grad_hook(grad: Tensor) -> None:
-            self._add_summary(slot, grad)
+            # gradients: RMS, max and non-finite fraction only (ACTIVATION_GRAD_STATS), no sum or zeros
+            self._summaries.append(summary_row(grad, self.zero_tol, full=False))
+            self._slots.append(slot)
+            self.summaries += 1
 
         return grad_hook
 
@@ -242,8 +276,7 @@ class LayerStatsCollector:
         if version is not None and cached is not None and cached[0]() is t and cached[1] == version:
             summary = cached[2]
         else:
-            # gradients: RMS, max and non-finite fraction only (ACTIVATION_GRAD_STATS), no sum or zeros
-            summary = summary_row(t, self.zero_tol, full=slot % 3 != _GRAD)
+            summary = summary_row(t, self.zero_tol, scratch=self._scratch(t))
             self.summaries += 1
             if slot % 3 == _OUT and version is not None:
                 self._recent = {key: (weakref.ref(t), version, summary)}
@@ -259,8 +292,18 @@ class LayerStatsCollector:
         cdim = 1 if layout == "channels_first" else -1
         if x.dim() < 2 or x.shape[cdim] != module.running_mean.numel():
             return
-        moments = channel_moments(x.detach(), cdim).to(self.dtype)  # float32 sums for float32 input, as the summaries
-        self._bn_moments[i] = moments if i not in self._bn_moments else self._bn_moments[i] + moments
+        x = x.detach()
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()  # float32 sums for float32 input, as the summaries; float64 stays float64
+        cdim %= x.dim()
+        channels = x.shape[cdim]
+        lead, trail = math.prod(x.shape[:cdim]), math.prod(x.shape[cdim + 1 :])
+        view = x.reshape(lead, channels, trail)
+        scratch = self._scratch(x)
+        square = view * view if scratch is None else torch.mul(view, view, out=scratch[: view.numel()].view_as(view))
+        # Trailing positions first, then the leading ones: 2-3x faster on CPU than one reduction over both.
+        sums = torch.stack([view.sum(2).sum(0), square.sum(2).sum(0)])
+        self._bn_moments.append((i, sums, float(lead * trail)))
 
     # ------------------------------------------------------------------ parameters
     def record_params(self, params: Iterable[Tensor] | None = None, histograms: bool | None = None) -> None:
@@ -280,30 +323,34 @@ class LayerStatsCollector:
         with torch.no_grad():
             # One foreach kernel per figure over every parameter instead of one reduction per parameter.
             keys, weights = [k for k, _ in chosen], [p.detach() for _, p in chosen]
-            self._weight_norm.update(zip(keys, torch._foreach_norm(weights, 2, dtype=self.dtype)))
-            self._before.update(zip(keys, (w.clone() for w in weights)))
+            self._weight_norm.append((keys, _norms(weights)))
+            snapshot = torch._foreach_mul(weights, 1.0)  # one copy of every weight
+            if self._before is None:
+                self._before = (keys, list(snapshot))
+            else:  # a second optimizer: add its parameters
+                self._before = (self._before[0] + keys, self._before[1] + list(snapshot))
             graded = [(k, p.grad.detach()) for k, p in chosen if p.grad is not None]
             grad_keys, grads = [k for k, _ in graded], [g for _, g in graded]
             if grads:
-                self._grad_norm.update(zip(grad_keys, torch._foreach_norm(grads, 2, dtype=self.dtype)))
+                self._grad_norm.append((grad_keys, _norms(grads)))
             if hist:
                 for k, w in zip(keys, weights):
                     self._param_hist[("param", k)] = bin_counts(w, self.bins, self.dtype)
                 for k, g in graded:
                     # gradient maxima: the outer edges of the gradient histograms
-                    self._grad_abs_max[k] = g.abs().amax().to(self.dtype) if g.numel() else self._grad_norm[k]
+                    self._grad_abs_max[k] = g.abs().amax().to(self.dtype) if g.numel() else g.new_zeros(())
                     self._param_hist[("grad", k)] = bin_counts(g, self.bins, self.dtype)
 
     def record_updates(self) -> None:
         """After the optimizer step: ``||w_after - w_before||`` for each parameter snapshotted by ``record_params``."""
-        if not self._before:
+        if self._before is None:
             return
         with torch.no_grad():
-            keys = list(self._before)
+            keys, before = self._before
             after = [self.param_list[k][1].detach() for k in keys]
-            deltas = torch._foreach_sub(after, [self._before[k] for k in keys])
-            self._update_norm.update(zip(keys, torch._foreach_norm(deltas, 2, dtype=self.dtype)))
-        self._before = {}
+            torch._foreach_sub_(before, after)  # before - after, in the snapshot's memory: the norm is the same
+            self._update_norm.append((keys, _norms(before)))
+        self._before = None
 
     # ------------------------------------------------------------------ reduction
     def _bn_figures(
@@ -362,6 +409,52 @@ class LayerStatsCollector:
                 return t.device
         return torch.device("cpu")
 
+    def _summary_table(self, dev: torch.device) -> Tensor:
+        """The ``(3 * modules, 6)`` summary rows, flat: sums per slot, maxima where ``abs_max`` is."""
+        dt, n_rows = self.dtype, 3 * len(self.modules)
+        if self._summaries and all(isinstance(s, list) for s in self._summaries) and dev.type == "cpu":
+            # read back already (CPU): summed on the host, without a tensor per row
+            rows, slots = np.asarray(self._summaries, dtype=np.float64), np.asarray(self._slots)
+            table = np.zeros((n_rows, _NF))
+            np.add.at(table, slots, rows)
+            amax = np.zeros(n_rows)
+            np.maximum.at(amax, slots, rows[:, _ABS_MAX])
+            table[:, _ABS_MAX] = amax
+            return torch.from_numpy(table.reshape(-1)).to(dt)
+        summ = torch.zeros(n_rows, _NF, dtype=dt, device=dev)
+        if self._summaries:
+            stacked = torch.stack([torch.as_tensor(s).to(dev, dt) for s in self._summaries])
+            index = torch.tensor(self._slots, device=dev)
+            summ = summ.index_add(0, index, stacked)
+            summ[:, _ABS_MAX] = torch.zeros(n_rows, dtype=dt, device=dev).scatter_reduce(
+                0, index, stacked[:, _ABS_MAX], "amax", include_self=True
+            )
+        return summ.reshape(-1)
+
+    def _bn_block(self, bns: list[int], mods: list[nn.Module], sizes: list[int], dev: torch.device) -> list[Tensor]:
+        """The batch-norm part of the reduced buffer, in the layout ``_bn_figures`` reads."""
+        dt, total = self.dtype, sum(sizes)
+        where = {i: b for b, i in enumerate(bns)}
+        sums: dict[int, Tensor] = {}
+        counts = [0.0] * len(bns)
+        for i, part, count in self._bn_moments:
+            b = where[i]
+            sums[b] = part if b not in sums else sums[b].to(dt) + part.to(dt)  # micro-batches add up in float64
+            counts[b] += count
+        seen = np.asarray([float(b in sums) for b in range(len(bns))])
+        channel_counts = torch.from_numpy(np.repeat(np.asarray(counts), sizes)).to(dev, dt)
+        moment_sums = torch.cat([_on(sums[b], dev).to(dt) if b in sums else torch.zeros(2, c, dtype=dt, device=dev)
+                                 for b, c in enumerate(sizes)], dim=1)
+        moments = torch.cat([channel_counts[None], moment_sums])  # (3, S): count, sum, sum of squares
+        # the snapshot counts only where the layer ran (the processes that saw it divide it on the host)
+        snapshot = self._bn_snapshot if self._bn_snapshot is not None else torch.zeros(2 * total, dtype=dt)
+        snapshot = _on(snapshot, dev) * torch.from_numpy(np.tile(np.repeat(seen, sizes), 2)).to(dev, dt)
+        now = torch.cat([_on(m.running_mean.detach(), dev) for m in mods]
+                        + [_on(m.running_var.detach(), dev) for m in mods]).to(dt)
+        running_mean, running_var = now[:total], now[total:]
+        flags = torch.from_numpy(np.concatenate([seen, np.ones(len(bns))])).to(dev, dt)
+        return [moments.reshape(-1), snapshot, running_mean, running_mean * running_mean, running_var, flags]
+
     def finalize(
         self, group: dist.ProcessGroup | None = None, act_grad_scale: float = 1.0, reduce: bool = True
     ) -> LayerStats:
@@ -377,68 +470,49 @@ class LayerStatsCollector:
         """
         dev, dt = self._device(), self.dtype
         n_mod = len(self.modules)
-        summ = torch.zeros(3 * n_mod, _NF, dtype=dt, device=dev)
-        if self._summaries:
-            if all(isinstance(s, list) for s in self._summaries):  # read back already (CPU): one tensor from them all
-                stacked = torch.tensor(self._summaries, dtype=dt, device=dev)
-            else:
-                stacked = torch.stack([torch.as_tensor(s).to(dev, dt) for s in self._summaries])
-            index = torch.tensor(self._slots, device=dev)
-            summ = summ.index_add(0, index, stacked)
-            amax = torch.zeros(3 * n_mod, dtype=dt, device=dev).scatter_reduce(
-                0, index, stacked[:, _ABS_MAX], "amax", include_self=True
-            )
-            summ[:, _ABS_MAX] = amax
-        parts = [summ.reshape(-1)]
-        mask = [torch.zeros(3 * n_mod, _NF, dtype=torch.bool, device=dev)]
-        mask[0][:, _ABS_MAX] = True
+        parts = [self._summary_table(dev)]
         # Batch-norm layers, all at once: moments (3, S) | running-mean and -var snapshots | running mean, its square
         # and running var now | seen per layer | 1 per layer (counts the processes); S = channels of every layer.
         bns = self.bn_index if self.batch_norm else []
         bn_mods = [self.modules[i][1] for i in bns]
         bn_sizes = [m.running_mean.numel() for m in bn_mods]
         if bns:
-            seen_list = [float(i in self._bn_moments) for i in bns]
-            moments = torch.cat([self._bn_moments[i] if i in self._bn_moments
-                                 else torch.zeros(3, c, dtype=dt, device=dev) for i, c in zip(bns, bn_sizes)], dim=1)
-            snaps = [self._bn_running[i].to(dev, dt) if seen and i in self._bn_running
-                     else torch.zeros(2 * c, dtype=dt, device=dev) for i, c, seen in zip(bns, bn_sizes, seen_list)]
-            rm = torch.cat([m.running_mean.detach() for m in bn_mods]).to(dev, dt)
-            rv = torch.cat([m.running_var.detach() for m in bn_mods]).to(dev, dt)
-            parts += [moments.reshape(-1), torch.cat([sn[:c] for sn, c in zip(snaps, bn_sizes)]),
-                      torch.cat([sn[c:] for sn, c in zip(snaps, bn_sizes)]), rm, rm * rm, rv,
-                      torch.tensor(seen_list + [1.0] * len(bns), dtype=dt, device=dev)]
+            parts += self._bn_block(bns, bn_mods, bn_sizes, dev)
         hist_mods = list(range(n_mod)) if (self.histograms and self.activations) else []
         nb = self.bins.num_bins
         for i in hist_mods:
             parts.append(self._hist.get(i, torch.zeros(nb, dtype=dt, device=dev)))
-        reduced = torch.cat(parts)
-        max_mask = torch.cat([mask[0].reshape(-1), torch.zeros(reduced.numel() - 3 * n_mod * _NF, dtype=torch.bool,
-                                                               device=dev)])
-        if reduce:
+        reduced = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if reduce and distributed_world_size(group) > 1:
+            max_mask = torch.zeros(reduced.numel(), dtype=torch.bool, device=dev)
+            max_mask[_ABS_MAX : 3 * n_mod * _NF : _NF] = True
             reduced = reduce_across_processes(reduced, max_mask, group)
 
         # Local part: parameters are the same on every process (DDP) and their gradients already averaged.
         n_par = len(self.param_list)
         local = []
-        param_keys = sorted(self._weight_norm)
-        grad_keys = sorted(self._grad_norm)
+        figures = []
+        for store in (self._weight_norm, self._grad_norm, self._update_norm):
+            merged: dict[int, Tensor] = {}
+            for keys, values in store:
+                merged.update(zip(keys, values))
+            figures.append(sorted(merged))
+            if merged:
+                local.append(torch.stack([_on(merged[k], dev) for k in figures[-1]]))
+        param_keys, grad_keys, update_keys = figures
         abs_keys = sorted(self._grad_abs_max)
-        update_keys = sorted(self._update_norm)
-        for keys, store in ((param_keys, self._weight_norm), (grad_keys, self._grad_norm),
-                            (abs_keys, self._grad_abs_max), (update_keys, self._update_norm)):
-            if keys:
-                local.append(torch.stack([store[k].to(dev, dt) for k in keys]))
+        if abs_keys:
+            local.append(torch.stack([_on(self._grad_abs_max[k], dev) for k in abs_keys]))
         gamma_bns = [i for i in (self.bn_index if self.batch_norm else []) if self.modules[i][1].weight is not None]
-        for i in gamma_bns:
-            w = self.modules[i][1].weight.detach()
-            local.append((w.abs() < self.gamma_tol).sum().to(dt).reshape(1))
+        gamma_sizes = [self.modules[i][1].weight.numel() for i in gamma_bns]
+        if gamma_bns:  # |gamma| of every layer; the thresholding is done on the host
+            local.append(torch.cat([_on(self.modules[i][1].weight.detach(), dev).reshape(-1) for i in gamma_bns]).abs())
         hist_keys = sorted(self._param_hist)
         for key in hist_keys:
             local.append(self._param_hist[key])
             if key[0] == "param":
-                local.append(self.param_list[key[1]][1].detach().abs().amax().to(dt).reshape(1))
-        full = torch.cat([reduced] + [t.reshape(-1).to(dev, dt) for t in local]) if local else reduced
+                local.append(self.param_list[key[1]][1].detach().abs().amax().reshape(1))
+        full = torch.cat([reduced] + [t.reshape(-1).to(dt) for t in local]) if local else reduced
         host = full.cpu().numpy()  # the one transfer to the host
 
         out = LayerStats(order=[self.names[i] for i in self._order])
@@ -479,8 +553,8 @@ class LayerStatsCollector:
 
         w_norm = dict(zip(param_keys, take(len(param_keys)).tolist()))
         g_norm = dict(zip(grad_keys, take(len(grad_keys)).tolist()))
-        g_abs = dict(zip(abs_keys, take(len(abs_keys)).tolist()))  # gradient maxima: outer histogram edges
         u_norm = dict(zip(update_keys, take(len(update_keys)).tolist()))
+        g_abs = dict(zip(abs_keys, take(len(abs_keys)).tolist()))  # gradient maxima: outer histogram edges
         for k in range(n_par):
             pname = self.param_list[k][0]
             if k in w_norm:
@@ -491,9 +565,10 @@ class LayerStatsCollector:
                     out.scalars[f"{pre}grad/ratio/{pname}"] = float(g_norm[k] / w_norm[k])
             if k in u_norm and w_norm.get(k, 0.0) > 0:
                 out.scalars[f"{pre}update/ratio/{pname}"] = float(u_norm[k] / w_norm[k])
-        for i in gamma_bns:
-            small = take(1)[0]
-            out.scalars[f"{pre}bn/frac_small_gamma/{self.names[i]}"] = float(small / self.modules[i][1].weight.numel())
+        if gamma_bns:
+            small = np.add.reduceat(take(sum(gamma_sizes)) < self.gamma_tol, np.cumsum([0] + gamma_sizes[:-1]))
+            for i, count, size in zip(gamma_bns, small.tolist(), gamma_sizes):
+                out.scalars[f"{pre}bn/frac_small_gamma/{self.names[i]}"] = count / size
         for key in hist_keys:
             counts = take(nb)
             kind, k = key

@@ -45,10 +45,14 @@ def summarize(x: Tensor, zero_tol: float = 0.0, sync_free: bool | None = None, f
     return torch.tensor(row, dtype=torch.float64) if isinstance(row, list) else row
 
 
-def summary_row(x: Tensor, zero_tol: float = 0.0, sync_free: bool | None = None, full: bool = True) -> Tensor | list:
+def summary_row(
+    x: Tensor, zero_tol: float = 0.0, sync_free: bool | None = None, full: bool = True, scratch: Tensor | None = None
+) -> Tensor | list:
     """:func:`summarize`, but where it read the figures back to the host it returns them as a list of 6 floats.
 
     The collector stacks many rows into one tensor at once, which saves a tensor construction per watched tensor.
+    ``scratch``: a 1-d tensor of ``x``'s (widened) dtype and device with at least ``x.numel()`` entries, overwritten
+    by the zero count on the host-read path instead of a fresh allocation (the collector keeps one per dtype).
     """
     x = x.detach()
     if x.dtype in _LOW_PRECISION:
@@ -62,17 +66,25 @@ def summary_row(x: Tensor, zero_tol: float = 0.0, sync_free: bool | None = None,
     if not sync_free:
         # Four reductions, read back together; the sum of squares is finite only when every value is finite.
         lo, hi = torch.aminmax(flat)
-        parts = [torch.dot(flat, flat), lo, hi] + ([flat.sum(), _count_above(flat, zero_tol)] if full else [])
+        parts = [torch.dot(flat, flat), lo, hi] + ([flat.sum(), _count_above(flat, zero_tol, scratch)] if full else [])
         sum_sq, low, high, total, above = torch.stack(parts).tolist() + ([] if full else [0.0, n])
         if math.isfinite(sum_sq):  # no masking needed; Python floats keep counts above 2**24 exact
             return [float(n), total, sum_sq, max(-low, high), n - above, 0.0]
     return _summarize_masked(flat, zero_tol, full)
 
 
-def _count_above(flat: Tensor, zero_tol: float) -> Tensor:
+def _count_above(flat: Tensor, zero_tol: float, scratch: Tensor | None = None) -> Tensor:
     """Number of entries with ``|x| > zero_tol`` of a finite 1-d tensor, as a 0-d tensor of its dtype."""
+    n = flat.numel()
+    usable = (
+        scratch is not None and scratch.numel() >= n and scratch.dtype == flat.dtype and scratch.device == flat.device
+    )
+    out = scratch[:n] if usable and scratch is not None else torch.empty_like(flat)
     # sign() is 0 exactly at 0 (|x| - tol is 0 exactly where |x| == tol: IEEE subtraction is exact there).
-    marks = flat.sign() if zero_tol == 0 else flat.abs().sub_(zero_tol).sign_().clamp_min_(0.0)
+    if zero_tol == 0:
+        marks = torch.sign(flat, out=out)
+    else:
+        marks = torch.abs(flat, out=out).sub_(zero_tol).sign_().clamp_min_(0.0)
     if marks.dtype == torch.float32 and flat.numel() >= _EXACT_FLOAT32_COUNT:
         return marks.abs_().sum(dtype=torch.float64).to(marks.dtype)
     return torch.dot(marks, marks)  # marks are 0 or +-1: the dot is the count
