@@ -143,6 +143,24 @@ def test_render_heatmap_pillow_draws_cells_labels_and_colour_bar():
     assert wide_labels.shape[1] > untitled.shape[1]  # the label column fits the longest name
 
 
+def test_heatmap_text_is_drawn_exactly_as_pillow_draws_it():
+    # the renderer stamps cached glyph masks instead of calling ImageDraw.text for every label: same pixels
+    from PIL import ImageDraw
+
+    from lightning_bn.sinks import heatmap
+
+    for text, size, anchor in [("model.layer2.shortcut.0", 11, "rm"), ("heatmap/act/std", 11, "ma"),
+                               ("1.23e-05", 10, "lm"), ("150", 10, "ma"), ("clipped at the edge", 11, "lm")]:
+        background = np.full((40, 220, 3), 255, np.uint8)
+        background[:, 100:] = (30, 140, 200)  # over white and over a cell colour
+        stamped = background.copy()
+        assert heatmap._draw_text(stamped, (120, 20), text, size, anchor)
+        drawn = Image.fromarray(background)
+        ImageDraw.Draw(drawn).text((120, 20), text, fill=(0, 0, 0), font=heatmap._font(size), anchor=anchor)
+        np.testing.assert_array_equal(stamped, np.asarray(drawn))
+        assert (stamped != background).any(), text
+
+
 def test_render_heatmap_falls_back_to_numpy_without_matplotlib(monkeypatch):
     values = _heatmap_values(2)
     numpy_image = render_heatmap(values, LAYERS, [0, 1, 2], backend="numpy")

@@ -89,6 +89,38 @@ def _font(size: int) -> Any:
         return ImageFont.load_default()
 
 
+@functools.lru_cache(maxsize=4096)
+def _text_stamp(text: str, size: int, anchor: str) -> tuple[np.ndarray, int, int] | None:
+    """``text`` rendered once as an 8-bit coverage mask, with its offset from the anchor point (cached: layer names
+    and most step labels are the same from one heatmap to the next). None when the font cannot place anchors."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = _font(size)
+    if not isinstance(font, ImageFont.FreeTypeFont):  # Pillow < 10.1's bitmap font: no anchors
+        return None
+    left, top, right, bottom = font.getbbox(text, anchor=anchor)
+    mask = Image.new("L", (max(right - left, 1), max(bottom - top, 1)), 0)
+    ImageDraw.Draw(mask).text((-left, -top), text, fill=255, font=font, anchor=anchor)
+    return np.asarray(mask), left, top
+
+
+def _draw_text(canvas: np.ndarray, xy: tuple[int, int], text: str, size: int, anchor: str) -> bool:
+    """Black ``text`` onto an RGB ``canvas`` at ``xy`` as Pillow's ``ImageDraw.text`` draws it; False if it cannot."""
+    stamp = _text_stamp(text, size, anchor)
+    if stamp is None:
+        return False
+    mask, left, top = stamp
+    x0, y0 = xy[0] + left, xy[1] + top
+    height, width = canvas.shape[:2]
+    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x0 + mask.shape[1], width), min(y0 + mask.shape[0], height)
+    if cx0 < cx1 and cy0 < cy1:
+        alpha = mask[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0, None].astype(np.uint16)
+        region = canvas[cy0:cy1, cx0:cx1]
+        # black over the background with the glyph coverage as alpha, rounded like Pillow's blend
+        region[...] = (region * (255 - alpha) + 127) // 255
+    return True
+
+
 def _render_pillow(values: np.ndarray, row_labels: list[str], col_labels: list[int], title: str) -> np.ndarray:
     """The matplotlib figure's content (layer names, steps, title, colour bar) drawn with Pillow in a few ms."""
     from PIL import Image, ImageDraw
@@ -99,11 +131,10 @@ def _render_pillow(values: np.ndarray, row_labels: list[str], col_labels: list[i
     row_px = 13 if rows <= 60 else max(2, 780 // rows)
     col_px = max(1, min(16, 640 // cols))
     plot_w, plot_h = col_px * cols, row_px * rows
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = max(int(measure.textlength(label, font=font)) for label in row_labels)
+    label_w = max(_text_width(label, 11) for label in row_labels)
     low, high = _finite_range(values)
     bar_labels = [f"{v:.3g}" for v in (high, (low + high) / 2, low)]
-    bar_label_w = max(int(measure.textlength(label, font=small)) for label in bar_labels)
+    bar_label_w = max(_text_width(label, 10) for label in bar_labels)
     left, top = label_w + 10, (20 if title else 6)
     bottom, bar_gap, bar_w = 30, 8, 12
     width = left + plot_w + bar_gap + bar_w + 6 + bar_label_w + 6
@@ -114,24 +145,36 @@ def _render_pillow(values: np.ndarray, row_labels: list[str], col_labels: list[i
     bar_left = left + plot_w + bar_gap
     gradient = _colour(np.linspace(high, low, max(plot_h, 40))[:, None], low, high)
     canvas[top : top + gradient.shape[0], bar_left : bar_left + bar_w] = gradient
-    image = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(image)
-    black = (0, 0, 0)
+    texts: list[tuple[tuple[int, int], str, int, str]] = []
     if title:
-        draw.text((left + plot_w // 2, 3), title, fill=black, font=font, anchor="ma")
+        texts.append(((left + plot_w // 2, 3), title, 11, "ma"))
     every_row = -(-rows // max(plot_h // 12, 1))
     for i in range(0, rows, every_row):
-        y = top + i * row_px + row_px // 2
-        draw.text((left - 4, y), row_labels[i], fill=black, font=font, anchor="rm")
+        texts.append(((left - 4, top + i * row_px + row_px // 2), row_labels[i], 11, "rm"))
     for j in _tick_positions(cols, 10):
         x = left + j * col_px + col_px // 2
-        draw.line([(x, top + plot_h), (x, top + plot_h + 3)], fill=black)
-        draw.text((x, top + plot_h + 4), str(col_labels[j]), fill=black, font=small, anchor="ma")
-    draw.text((left + plot_w // 2, top + plot_h + 17), "step", fill=black, font=small, anchor="ma")
+        canvas[top + plot_h : top + plot_h + 4, x] = 0  # the tick
+        texts.append(((x, top + plot_h + 4), str(col_labels[j]), 10, "ma"))
+    texts.append(((left + plot_w // 2, top + plot_h + 17), "step", 10, "ma"))
     bar_h = gradient.shape[0]
     for label, y in zip(bar_labels, (top, top + bar_h // 2, top + bar_h - 1)):
-        draw.text((bar_left + bar_w + 4, y), label, fill=black, font=small, anchor="lm")
+        texts.append(((bar_left + bar_w + 4, y), label, 10, "lm"))
+    if all(_draw_text(canvas, xy, text, size, anchor) for xy, text, size, anchor in texts[:1]):
+        for xy, text, size, anchor in texts[1:]:
+            _draw_text(canvas, xy, text, size, anchor)
+        return canvas
+    image = Image.fromarray(canvas)  # no anchors in this font: Pillow draws the text itself
+    draw = ImageDraw.Draw(image)
+    for xy, text, size, anchor in texts:
+        draw.text(xy, text, fill=(0, 0, 0), font=font if size == 11 else small, anchor=anchor)
     return np.asarray(image, dtype=np.uint8).copy()
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_width(text: str, size: int) -> int:
+    from PIL import Image, ImageDraw
+
+    return int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=_font(size)))
 
 
 def _tick_positions(count: int, max_ticks: int) -> range:

@@ -146,6 +146,12 @@ class LayerStatsCollector:
                 if id(p) not in seen_params:
                     seen_params.add(id(p))
                     self.param_list.append((f"{name}.{pname}" if name else pname, p))
+        pre = prefix
+        self._param_keys = [(f"{pre}param/norm/{n}", f"{pre}grad/norm/{n}", f"{pre}grad/ratio/{n}",
+                             f"{pre}update/ratio/{n}") for n, _ in self.param_list]
+        self._bn_keys = {i: (f"{pre}bn/running_spread/{self.names[i]}", f"{pre}bn/mean_shift/{self.names[i]}",
+                             f"{pre}bn/var_shift/{self.names[i]}") for i in self.bn_index}
+        self._bn_layout_cache: tuple[Any, tuple[np.ndarray, ...]] | None = None
         self._handles: list[Any] = []
         self._hooks = [self._make_hook(i) for i in range(len(self.modules))]
         self._scratch_buffers: dict[torch.dtype, Tensor] = {}
@@ -363,10 +369,7 @@ class LayerStatsCollector:
         snap_mean, snap_var = chunk[3 * total : 4 * total], chunk[4 * total : 5 * total]
         rm_sum, rm_sq, rv_sum = chunk[5 * total : 6 * total], chunk[6 * total : 7 * total], chunk[7 * total : 8 * total]
         seen, procs = chunk[8 * total : 8 * total + count], chunk[8 * total + count :]
-        layer = np.repeat(np.arange(count), sizes)  # channel -> layer
-        starts = np.cumsum([0] + sizes[:-1])
-        eps = np.repeat([float(getattr(m, "eps", 1e-5)) for m in mods], sizes)
-        n = np.asarray(sizes, dtype=np.float64)
+        layer, starts, eps, n = self._bn_layout(mods, sizes)
         rm_mean, rv_mean = rm_sum / procs[layer], rv_sum / procs[layer]
         rm_var = np.clip(rm_sq / procs[layer] - rm_mean * rm_mean, 0.0, None)
         spread = (np.add.reduceat(np.sqrt(rm_var) / np.sqrt(rv_mean + eps), starts) / n).tolist()
@@ -375,14 +378,22 @@ class LayerStatsCollector:
         ref_mean, ref_var = snap_mean / seen_safe, snap_var / seen_safe
         mean_shift = (np.add.reduceat(np.abs(mu_b - ref_mean) / np.sqrt(ref_var + eps), starts) / n).tolist()
         var_shift = (np.add.reduceat(np.abs(np.log((var_b + eps) / (ref_var + eps))), starts) / n).tolist()
-        pre = self.prefix
         for b, i in enumerate(bns):
-            name = self.names[i]
-            out.scalars[f"{pre}bn/running_spread/{name}"] = spread[b]
+            spread_key, mean_key, var_key = self._bn_keys[i]
+            out.scalars[spread_key] = spread[b]
             if seen[b] > 0:
-                out.scalars[f"{pre}bn/mean_shift/{name}"] = mean_shift[b]
-                out.scalars[f"{pre}bn/var_shift/{name}"] = var_shift[b]
+                out.scalars[mean_key] = mean_shift[b]
+                out.scalars[var_key] = var_shift[b]
         return pos + 8 * total + 2 * count
+
+    def _bn_layout(self, mods: list[nn.Module], sizes: list[int]) -> tuple[np.ndarray, ...]:
+        """Channel -> layer index, layer starts, eps per channel and channels per layer (built once per layout)."""
+        key = (tuple(sizes), tuple(float(getattr(m, "eps", 1e-5)) for m in mods))
+        if self._bn_layout_cache is None or self._bn_layout_cache[0] != key:
+            layout = (np.repeat(np.arange(len(sizes)), sizes), np.cumsum([0] + sizes[:-1]),
+                      np.repeat(np.asarray(key[1]), sizes), np.asarray(sizes, dtype=np.float64))
+            self._bn_layout_cache = (key, layout)
+        return self._bn_layout_cache[1]
 
     def _row_keys(self) -> list[tuple[int, list[tuple[str, str]]]]:
         """``(summary row, [(statistic, metric key), ...])`` in the order the keys are written (built once)."""
@@ -442,18 +453,22 @@ class LayerStatsCollector:
             sums[b] = part if b not in sums else sums[b].to(dt) + part.to(dt)  # micro-batches add up in float64
             counts[b] += count
         seen = np.asarray([float(b in sums) for b in range(len(bns))])
-        channel_counts = torch.from_numpy(np.repeat(np.asarray(counts), sizes)).to(dev, dt)
         moment_sums = torch.cat([_on(sums[b], dev).to(dt) if b in sums else torch.zeros(2, c, dtype=dt, device=dev)
                                  for b, c in enumerate(sizes)], dim=1)
-        moments = torch.cat([channel_counts[None], moment_sums])  # (3, S): count, sum, sum of squares
+        # counts per channel | 1 where the layer ran, per channel, twice (masks the snapshot) | seen | 1 per layer
+        seen_channels = np.repeat(seen, sizes)
+        host = np.concatenate([np.repeat(np.asarray(counts), sizes), seen_channels, seen_channels, seen,
+                               np.ones(len(bns))])
+        host_part = torch.from_numpy(host).to(dev, dt)
+        channel_counts, snapshot_mask, flags = host_part[:total], host_part[total : 3 * total], host_part[3 * total :]
         # the snapshot counts only where the layer ran (the processes that saw it divide it on the host)
         snapshot = self._bn_snapshot if self._bn_snapshot is not None else torch.zeros(2 * total, dtype=dt)
-        snapshot = _on(snapshot, dev) * torch.from_numpy(np.tile(np.repeat(seen, sizes), 2)).to(dev, dt)
+        snapshot = _on(snapshot, dev) * snapshot_mask
         now = torch.cat([_on(m.running_mean.detach(), dev) for m in mods]
                         + [_on(m.running_var.detach(), dev) for m in mods]).to(dt)
         running_mean, running_var = now[:total], now[total:]
-        flags = torch.from_numpy(np.concatenate([seen, np.ones(len(bns))])).to(dev, dt)
-        return [moments.reshape(-1), snapshot, running_mean, running_mean * running_mean, running_var, flags]
+        moments = torch.cat([channel_counts, moment_sums.reshape(-1)])  # (3, S) flat: count, sum, sum of squares
+        return [moments, snapshot, running_mean, running_mean * running_mean, running_var, flags]
 
     def finalize(
         self, group: dist.ProcessGroup | None = None, act_grad_scale: float = 1.0, reduce: bool = True
@@ -556,15 +571,16 @@ class LayerStatsCollector:
         u_norm = dict(zip(update_keys, take(len(update_keys)).tolist()))
         g_abs = dict(zip(abs_keys, take(len(abs_keys)).tolist()))  # gradient maxima: outer histogram edges
         for k in range(n_par):
-            pname = self.param_list[k][0]
+            norm_key, grad_key, ratio_key, update_key = self._param_keys[k]
+            weight = w_norm.get(k, 0.0)
             if k in w_norm:
-                out.scalars[f"{pre}param/norm/{pname}"] = float(w_norm[k])
+                out.scalars[norm_key] = weight
             if k in g_norm:
-                out.scalars[f"{pre}grad/norm/{pname}"] = float(g_norm[k])
-                if w_norm.get(k, 0.0) > 0:  # a ratio to a zero weight (a bias at init) is left out, not inf
-                    out.scalars[f"{pre}grad/ratio/{pname}"] = float(g_norm[k] / w_norm[k])
-            if k in u_norm and w_norm.get(k, 0.0) > 0:
-                out.scalars[f"{pre}update/ratio/{pname}"] = float(u_norm[k] / w_norm[k])
+                out.scalars[grad_key] = g_norm[k]
+                if weight > 0:  # a ratio to a zero weight (a bias at init) is left out, not inf
+                    out.scalars[ratio_key] = g_norm[k] / weight
+            if k in u_norm and weight > 0:
+                out.scalars[update_key] = u_norm[k] / weight
         if gamma_bns:
             small = np.add.reduceat(take(sum(gamma_sizes)) < self.gamma_tol, np.cumsum([0] + gamma_sizes[:-1]))
             for i, count, size in zip(gamma_bns, small.tolist(), gamma_sizes):
