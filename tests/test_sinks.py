@@ -161,6 +161,21 @@ def test_heatmap_text_is_drawn_exactly_as_pillow_draws_it():
         assert (stamped != background).any(), text
 
 
+def test_encode_png_round_trips_through_pillow():
+    import io
+
+    from lightning_bn.sinks.tensorboard_sink import encode_png
+
+    rng = np.random.default_rng(0)
+    for image in (rng.integers(0, 256, (7, 5, 3), dtype=np.uint8),
+                  render_heatmap(_heatmap_values(3), LAYERS, [0, 10, 20, 30], title="act/std", backend="pillow")):
+        decoded = Image.open(io.BytesIO(encode_png(image)))
+        assert decoded.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(decoded), image)
+    with pytest.raises(ValueError, match="`image` must be HWC uint8 RGB"):
+        encode_png(np.zeros((2, 2), dtype=np.uint8))
+
+
 def test_render_heatmap_falls_back_to_numpy_without_matplotlib(monkeypatch):
     values = _heatmap_values(2)
     numpy_image = render_heatmap(values, LAYERS, [0, 1, 2], backend="numpy")

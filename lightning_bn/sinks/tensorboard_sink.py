@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,7 +20,7 @@ from lightning_bn.sinks._validate import (
     check_tag,
 )
 from lightning_bn.sinks.checksum import fast_tensorboard_checksums
-from lightning_bn.sinks.heatmap import BACKENDS, pillow_available, render_heatmap
+from lightning_bn.sinks.heatmap import BACKENDS, render_heatmap
 from lightning_bn.sinks.histogram import histogram_summary
 from lightning_bn.sinks.logger_sink import LoggerSink
 
@@ -170,10 +172,10 @@ class TensorBoardSink(LoggerSink):
             return
         image = render_heatmap(values_arr, rows, cols, title=tag, backend=self.heatmap_backend)
         file_writer = getattr(writer, "file_writer", None) if _is_torch_writer(writer) else None
-        if file_writer is None or not pillow_available():
+        if file_writer is None:
             writer.add_image(tag, image, global_step=step, dataformats="HWC")
             return
-        # add_image would resample the image (at scale 1) and deflate it at level 6; level 1 is ~2x faster.
+        # add_image would resample the image (at scale 1) and run Pillow's PNG encoder: ~4x the time of encode_png.
         file_writer.add_summary(image_summary(tag, image), step)
 
     @override
@@ -190,17 +192,32 @@ def scalar_summary(values: Mapping[str, float], prefix: str = "") -> Any:
     return Summary(value=[Summary.Value(tag=prefix + tag, simple_value=value) for tag, value in values.items()])
 
 
-def image_summary(tag: str, image: np.ndarray) -> Any:
-    """A TensorBoard ``Summary`` holding an HWC uint8 RGB image as PNG (what ``add_image`` writes, deflated faster)."""
-    import io
+def encode_png(image: np.ndarray, level: int = 1) -> bytes:
+    """An HWC uint8 RGB image as PNG: no row filter, deflated at ``level`` (zlib).
 
-    from PIL import Image
+    Heatmaps are flat blocks of colour and text, which deflate compresses well without PNG's row filters; this is
+    ~4x faster than Pillow's encoder at its fastest level, with a smaller file.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"`image` must be HWC uint8 RGB, got shape {image.shape} and dtype {image.dtype}")
+    height, width = image.shape[:2]
+    rows = np.zeros((height, width * 3 + 1), dtype=np.uint8)  # each row: filter type 0, then its pixels
+    rows[:, 1:] = image.reshape(height, -1)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, deflate, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), level))
+            + chunk(b"IEND", b""))
+
+
+def image_summary(tag: str, image: np.ndarray) -> Any:
+    """A TensorBoard ``Summary`` holding an HWC uint8 RGB image as PNG (the record ``add_image`` writes)."""
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
     height, width, channels = image.shape
-    encoded = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=buffer.getvalue())
+    encoded = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=encode_png(image))
     return Summary(value=[Summary.Value(tag=tag, image=encoded)])
 
 
