@@ -155,6 +155,7 @@ class LayerStatsCollector:
         self._handles: list[Any] = []
         self._hooks = [self._make_hook(i) for i in range(len(self.modules))]
         self._scratch_buffers: dict[torch.dtype, Tensor] = {}
+        self._ones: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
         self._keys: list[tuple[int, list[tuple[str, str]]]] | None = None
         self.histograms = False
         self._reset()
@@ -304,11 +305,20 @@ class LayerStatsCollector:
         cdim %= x.dim()
         channels = x.shape[cdim]
         lead, trail = math.prod(x.shape[:cdim]), math.prod(x.shape[cdim + 1 :])
-        view = x.reshape(lead, channels, trail)
-        scratch = self._scratch(x)
-        square = view * view if scratch is None else torch.mul(view, view, out=scratch[: view.numel()].view_as(view))
-        # Trailing positions first, then the leading ones: 2-3x faster on CPU than one reduction over both.
-        sums = torch.stack([view.sum(2).sum(0), square.sum(2).sum(0)])
+        if trail == 1:  # channels last: (M, C)
+            rows = x.reshape(lead, channels)
+            sums = torch.stack([rows.sum(0), (rows * rows).sum(0)])
+        else:
+            # Per (sample, channel) row: the sum as a matrix-vector product with ones and the sum of squares as a
+            # row-wise dot product, one pass each (~2x faster on CPU than sum, square and sum again); then the
+            # small (2, lead, C) result summed over the samples.
+            rows = x.reshape(lead * channels, trail)
+            key = (trail, x.dtype, x.device)
+            ones = self._ones.get(key)
+            if ones is None:
+                ones = self._ones[key] = torch.ones(trail, dtype=x.dtype, device=x.device)
+            per_row = torch.stack([torch.mv(rows, ones), torch.linalg.vecdot(rows, rows)])
+            sums = per_row.view(2, lead, channels).sum(1)
         self._bn_moments.append((i, sums, float(lead * trail)))
 
     # ------------------------------------------------------------------ parameters
