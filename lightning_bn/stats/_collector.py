@@ -31,9 +31,7 @@ from torch import Tensor, nn
 from lightning_bn.moments import (
     SUMMARY_FIELDS,
     distributed_world_size,
-    mean_var,
     reduce_across_processes,
-    summary_to_figures,
 )
 from lightning_bn.stats._histogram import LogBins, bin_counts, histogram_edges, trim_histogram
 from lightning_bn.stats._select import has_batch_stats, is_norm
@@ -65,6 +63,23 @@ def _float_tensors(obj: Any) -> Iterator[Tensor]:
     elif isinstance(obj, dict):
         for item in obj.values():
             yield from _float_tensors(item)
+
+
+def _figures(table: np.ndarray) -> dict[str, list[float]]:
+    """:func:`lightning_bn.moments.summary_to_figures` of a host ``(rows, 6)`` table, in numpy, as lists."""
+    count, total, total_sq, abs_max, zeros, nonfinite = table.T
+    safe = np.maximum(count, 1.0)
+    mean = total / safe
+    mean_sq = total_sq / safe
+    numel = np.maximum(count + nonfinite, 1.0)
+    return {
+        "mean": mean.tolist(),
+        "std": np.sqrt(np.maximum(mean_sq - mean * mean, 0.0)).tolist(),
+        "rms": np.sqrt(mean_sq).tolist(),
+        "abs_max": abs_max.tolist(),
+        "frac_zero": (zeros / numel).tolist(),
+        "frac_nonfinite": (nonfinite / numel).tolist(),
+    }
 
 
 def _on(t: Tensor, dev: torch.device) -> Tensor:
@@ -178,6 +193,7 @@ class LayerStatsCollector:
         self._update_norm: list[tuple[list[int], list[Tensor]]] = []
         self._before: tuple[list[int], list[Tensor]] | None = None
         self._param_hist: dict[tuple[str, int], Tensor] = {}
+        self._dev: torch.device | None = None  # the device of the first tensor summarized
         self.forwards = 0  # forward hook calls counted this collection (for tests and diagnostics)
         self.summaries = 0  # tensors summarized this collection (a norm input that was just summarized is not again)
 
@@ -271,6 +287,8 @@ class LayerStatsCollector:
             # gradients: RMS, max and non-finite fraction only (ACTIVATION_GRAD_STATS), no sum or zeros
             self._summaries.append(summary_row(grad, self.zero_tol, full=False))
             self._slots.append(slot)
+            if self._dev is None:
+                self._dev = grad.device
             self.summaries += 1
 
         return grad_hook
@@ -285,6 +303,8 @@ class LayerStatsCollector:
         else:
             summary = summary_row(t, self.zero_tol, scratch=self._scratch(t))
             self.summaries += 1
+            if self._dev is None:
+                self._dev = t.device
             if slot % 3 == _OUT and version is not None:
                 self._recent = {key: (weakref.ref(t), version, summary)}
         self._slots.append(slot)
@@ -375,7 +395,7 @@ class LayerStatsCollector:
         """Batch-norm figures of every layer from the reduced block (laid out in ``finalize``); returns the new pos."""
         total, count = sum(sizes), len(sizes)
         chunk = host[pos : pos + 8 * total + 2 * count]
-        moments = torch.from_numpy(chunk[: 3 * total].reshape(3, total))
+        moments = chunk[: 3 * total].reshape(3, total)
         snap_mean, snap_var = chunk[3 * total : 4 * total], chunk[4 * total : 5 * total]
         rm_sum, rm_sq, rv_sum = chunk[5 * total : 6 * total], chunk[6 * total : 7 * total], chunk[7 * total : 8 * total]
         seen, procs = chunk[8 * total : 8 * total + count], chunk[8 * total + count :]
@@ -383,7 +403,9 @@ class LayerStatsCollector:
         rm_mean, rv_mean = rm_sum / procs[layer], rv_sum / procs[layer]
         rm_var = np.clip(rm_sq / procs[layer] - rm_mean * rm_mean, 0.0, None)
         spread = (np.add.reduceat(np.sqrt(rm_var) / np.sqrt(rv_mean + eps), starts) / n).tolist()
-        mu_b, var_b = (t.numpy() for t in mean_var(moments, unbiased=True))
+        count_b, sum_b, sq_b = moments  # as moments.mean_var(unbiased=True), on the host
+        mu_b = sum_b / np.maximum(count_b, 1.0)
+        var_b = np.maximum(sq_b - sum_b * mu_b, 0.0) / np.maximum(count_b - 1.0, 1.0)
         seen_safe = np.maximum(seen, 1.0)[layer]  # layers not seen are skipped below
         ref_mean, ref_var = snap_mean / seen_safe, snap_var / seen_safe
         mean_shift = (np.add.reduceat(np.abs(mu_b - ref_mean) / np.sqrt(ref_var + eps), starts) / n).tolist()
@@ -420,6 +442,8 @@ class LayerStatsCollector:
         return self._keys
 
     def _device(self) -> torch.device:
+        if self._dev is not None:
+            return self._dev
         for t in self._summaries:
             if isinstance(t, Tensor):
                 return t.device
@@ -433,14 +457,17 @@ class LayerStatsCollector:
     def _summary_table(self, dev: torch.device) -> Tensor:
         """The ``(3 * modules, 6)`` summary rows, flat: sums per slot, maxima where ``abs_max`` is."""
         dt, n_rows = self.dtype, 3 * len(self.modules)
-        if self._summaries and all(isinstance(s, list) for s in self._summaries) and dev.type == "cpu":
-            # read back already (CPU): summed on the host, without a tensor per row
+        if self._summaries and dev.type == "cpu" and all(type(s) is list for s in self._summaries):
+            # read back already (CPU): one array on the host; a slot met twice (micro-batches) sums, its maxima max
             rows, slots = np.asarray(self._summaries, dtype=np.float64), np.asarray(self._slots)
             table = np.zeros((n_rows, _NF))
-            np.add.at(table, slots, rows)
-            amax = np.zeros(n_rows)
-            np.maximum.at(amax, slots, rows[:, _ABS_MAX])
-            table[:, _ABS_MAX] = amax
+            if len(set(self._slots)) == len(self._slots):
+                table[slots] = rows
+            else:
+                np.add.at(table, slots, rows)
+                amax = np.zeros(n_rows)
+                np.maximum.at(amax, slots, rows[:, _ABS_MAX])
+                table[:, _ABS_MAX] = amax
             return torch.from_numpy(table.reshape(-1)).to(dt)
         summ = torch.zeros(n_rows, _NF, dtype=dt, device=dev)
         if self._summaries:
@@ -463,8 +490,11 @@ class LayerStatsCollector:
             sums[b] = part if b not in sums else sums[b].to(dt) + part.to(dt)  # micro-batches add up in float64
             counts[b] += count
         seen = np.asarray([float(b in sums) for b in range(len(bns))])
-        moment_sums = torch.cat([_on(sums[b], dev).to(dt) if b in sums else torch.zeros(2, c, dtype=dt, device=dev)
-                                 for b, c in enumerate(sizes)], dim=1)
+        if len(sums) == len(bns) and len({t.dtype for t in sums.values()}) == 1:  # the usual case: one cat, one cast
+            moment_sums = torch.cat([_on(sums[b], dev) for b in range(len(bns))], dim=1).to(dt)
+        else:
+            moment_sums = torch.cat([_on(sums[b], dev).to(dt) if b in sums else torch.zeros(2, c, dtype=dt, device=dev)
+                                     for b, c in enumerate(sizes)], dim=1)
         # counts per channel | 1 where the layer ran, per channel, twice (masks the snapshot) | seen | 1 per layer
         seen_channels = np.repeat(seen, sizes)
         host = np.concatenate([np.repeat(np.asarray(counts), sizes), seen_channels, seen_channels, seen,
@@ -549,7 +579,7 @@ class LayerStatsCollector:
         table[grad_rows, SUMMARY_FIELDS.index("sum")] *= s
         table[grad_rows, SUMMARY_FIELDS.index("sum_sq")] *= s * s
         table[grad_rows, _ABS_MAX] *= abs(s)
-        figs = {k: v.tolist() for k, v in summary_to_figures(torch.from_numpy(table)).items()}
+        figs = _figures(table)
         seen_rows = (table[:, 0] + table[:, SUMMARY_FIELDS.index("nonfinite")] > 0).tolist()
         for row, row_keys in self._row_keys():
             if seen_rows[row]:
