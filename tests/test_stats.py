@@ -140,12 +140,33 @@ def test_fast_summaries_overflowing_squares_and_large_counts(monkeypatch: pytest
             assert summarize(t, sync_free=sync_free).tolist() == tensor_summary(t, dtype=torch.float64).tolist()
 
 
-def test_every_figure_against_manual_computation() -> None:
+@pytest.mark.parametrize("warm", [False, True], ids=["first-collection", "fused-channel-sums"])
+def test_every_figure_against_manual_computation(warm: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     net = _net()
     x = torch.randn(6, 2, 4, 4, dtype=D)
     mods = select_modules(net)
     assert [n for n, _ in mods] == ["conv", "bn", "fc"]
     collector = LayerStatsCollector(mods, zero_tol=1e-12, gamma_tol=1e-3)
+    if warm:
+        # an earlier collection: the conv's output was the batch norm's input, so from now on the conv computes the
+        # channel sums with its summary (its sum and sum of squares come from them) and the batch norm reuses them
+        state = {k: v.clone() for k, v in net.state_dict().items()}
+        collector.attach()
+        net(torch.randn(6, 2, 4, 4, dtype=D))
+        collector.detach()
+        collector.finalize()
+        net.load_state_dict(state)
+        assert collector._feeds_bn == {0: (1, 3)}
+    import lightning_bn.stats._collector as collector_module
+
+    fused = []
+    original_row = collector_module.summary_row
+
+    def counting_row(*args, **kwargs):
+        fused.append(kwargs.get("totals") is not None)
+        return original_row(*args, **kwargs)
+
+    monkeypatch.setattr(collector_module, "summary_row", counting_row)
     before = _hooks(net)
     collector.attach()
     assert _hooks(net) == before + 3  # three forward hooks (batch-norm running stats are copied at attach)
@@ -172,6 +193,7 @@ def test_every_figure_against_manual_computation() -> None:
     assert _hooks(net) == before
     # conv, bn and fc outputs and their gradients; the bn input is the conv output, summarized once
     assert collector.summaries == 6
+    assert sum(fused) == (1 if warm else 0)  # the conv output's summary from its channel sums
     stats = collector.finalize()
     s = stats.scalars
     assert stats.order == ["conv", "bn", "fc"]

@@ -171,6 +171,8 @@ class LayerStatsCollector:
         self._hooks = [self._make_hook(i) for i in range(len(self.modules))]
         self._scratch_buffers: dict[torch.dtype, Tensor] = {}
         self._ones: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+        # module index -> (channel dim, channels) of the batch-norm layer its output fed in an earlier collection
+        self._feeds_bn: dict[int, tuple[int, int]] = {}
         self._keys: list[tuple[int, list[tuple[str, str]]]] | None = None
         self.histograms = False
         self._reset()
@@ -178,7 +180,8 @@ class LayerStatsCollector:
     # ------------------------------------------------------------------ state
     def _reset(self) -> None:
         self._slots: list[int] = []
-        self._recent: dict[int, tuple[Any, int, Tensor | list[float]]] = {}  # the last output summarized (weakref)
+        # the last output summarized: (weakref, version, summary, producer, channel sums or None, channel dim)
+        self._recent: dict[int, tuple] = {}
         self._summaries: list[Tensor | list[float]] = []  # rows read back on the CPU are lists
         self._hist: dict[int, Tensor] = {}
         # batch-norm layers: per forward (layer, float32 (2, C) channel sums and sums of squares, values per channel)
@@ -262,17 +265,23 @@ class LayerStatsCollector:
                     self._ordered.add(i)
                     self._order.append(i)
                 x = args[0] if args and isinstance(args[0], Tensor) else None
+                sums = None  # the input's channel sums, when its producer computed them with its summary
                 if self.activations:
                     # the input first: it is usually the previous watched output, still in the one-entry cache
                     if norm and x is not None:
-                        self._add_summary(in_slot, x)
+                        entry = self._add_summary(in_slot, x)
+                        if bn and entry is not None and entry[3] is not None:
+                            # from the next collection on, the producer computes the channel sums of its output
+                            # along with its summary (they give its sum and sum of squares) and this layer reuses them
+                            self._feeds_bn[entry[3]] = (self._channel_dim(module, x), module.running_mean.numel())
+                            sums = entry[4] if entry[5] == self._channel_dim(module, x) else None
                     for t in outputs:
                         if t.is_floating_point() or t.is_complex():
-                            self._add_summary(out_slot, t)
+                            self._add_summary(out_slot, t, producer=i)
                             if self.histograms:
                                 self._add_hist(i, t)
                 if bn and self.batch_norm and x is not None:
-                    self._add_bn_moments(i, module, x)
+                    self._add_bn_moments(i, module, x, sums)
             if self.activation_grads:
                 for t in outputs:
                     if t.requires_grad:
@@ -293,53 +302,66 @@ class LayerStatsCollector:
 
         return grad_hook
 
-    def _add_summary(self, slot: int, t: Tensor) -> None:
+    def _add_summary(self, slot: int, t: Tensor, producer: int | None = None) -> tuple | None:
+        """Summarize ``t`` into ``slot``; returns the cache entry when ``t`` was the output just summarized."""
         # A norm's input is usually the previous watched module's output: the same tensor, summarized once.
         key = id(t)
         version = None if t.is_inference() else t._version  # inference tensors have no version counter
         cached = self._recent.get(key)
         if version is not None and cached is not None and cached[0]() is t and cached[1] == version:
-            summary = cached[2]
+            summary, entry = cached[2], cached
         else:
-            summary = summary_row(t, self.zero_tol, scratch=self._scratch(t))
+            entry, sums, cdim = None, None, None
+            if producer is not None and producer in self._feeds_bn:
+                cdim, channels = self._feeds_bn[producer]
+                sums = self._channel_sums(t, cdim, channels)
+            totals = None if sums is None else sums.sum(1)
+            summary = summary_row(t, self.zero_tol, scratch=self._scratch(t), totals=totals)
             self.summaries += 1
             if self._dev is None:
                 self._dev = t.device
-            if slot % 3 == _OUT and version is not None:
-                self._recent = {key: (weakref.ref(t), version, summary)}
+            if producer is not None and version is not None:
+                self._recent = {key: (weakref.ref(t), version, summary, producer, sums, cdim)}
         self._slots.append(slot)
         self._summaries.append(summary)
+        return entry
 
     def _add_hist(self, i: int, t: Tensor) -> None:
         counts = bin_counts(t, self.bins, self.dtype)
         self._hist[i] = counts if i not in self._hist else self._hist[i] + counts
 
-    def _add_bn_moments(self, i: int, module: nn.Module, x: Tensor) -> None:
-        layout = getattr(module, "layout", "channels_first")
-        cdim = 1 if layout == "channels_first" else -1
-        if x.dim() < 2 or x.shape[cdim] != module.running_mean.numel():
-            return
+    @staticmethod
+    def _channel_dim(module: nn.Module, x: Tensor) -> int:
+        return 1 if getattr(module, "layout", "channels_first") == "channels_first" else x.dim() - 1
+
+    def _add_bn_moments(self, i: int, module: nn.Module, x: Tensor, sums: Tensor | None = None) -> None:
+        if sums is None or sums.shape[-1] != module.running_mean.numel():
+            sums = self._channel_sums(x, self._channel_dim(module, x), module.running_mean.numel())
+        if sums is not None:
+            self._bn_moments.append((i, sums, x.numel() / sums.shape[-1]))
+
+    def _channel_sums(self, x: Tensor, cdim: int, channels: int) -> Tensor | None:
+        """Per-channel sums and sums of squares ``(2, C)`` of ``x`` (float32 at least); None if ``x`` has no
+        dimension ``cdim`` of ``channels`` entries."""
+        if x.dim() < 2 or cdim >= x.dim() or x.shape[cdim] != channels:
+            return None
         x = x.detach()
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()  # float32 sums for float32 input, as the summaries; float64 stays float64
-        cdim %= x.dim()
-        channels = x.shape[cdim]
         lead, trail = math.prod(x.shape[:cdim]), math.prod(x.shape[cdim + 1 :])
         if trail == 1:  # channels last: (M, C)
             rows = x.reshape(lead, channels)
-            sums = torch.stack([rows.sum(0), (rows * rows).sum(0)])
-        else:
-            # Per (sample, channel) row: the sum as a matrix-vector product with ones and the sum of squares as a
-            # row-wise dot product, one pass each (~2x faster on CPU than sum, square and sum again); then the
-            # small (2, lead, C) result summed over the samples.
-            rows = x.reshape(lead * channels, trail)
-            key = (trail, x.dtype, x.device)
-            ones = self._ones.get(key)
-            if ones is None:
-                ones = self._ones[key] = torch.ones(trail, dtype=x.dtype, device=x.device)
-            per_row = torch.stack([torch.mv(rows, ones), torch.linalg.vecdot(rows, rows)])
-            sums = per_row.view(2, lead, channels).sum(1)
-        self._bn_moments.append((i, sums, float(lead * trail)))
+            return torch.stack([rows.sum(0), (rows * rows).sum(0)])
+        # Per (sample, channel) row: the sum as a matrix-vector product with ones and the sum of squares as a
+        # row-wise dot product, one pass each (~2x faster on CPU than sum, square and sum again); then the
+        # small (2, lead, C) result summed over the samples.
+        rows = x.reshape(lead * channels, trail)
+        key = (trail, x.dtype, x.device)
+        ones = self._ones.get(key)
+        if ones is None:
+            ones = self._ones[key] = torch.ones(trail, dtype=x.dtype, device=x.device)
+        per_row = torch.stack([torch.mv(rows, ones), torch.linalg.vecdot(rows, rows)])
+        return per_row.view(2, lead, channels).sum(1)
 
     # ------------------------------------------------------------------ parameters
     def record_params(self, params: Iterable[Tensor] | None = None, histograms: bool | None = None) -> None:

@@ -46,13 +46,20 @@ def summarize(x: Tensor, zero_tol: float = 0.0, sync_free: bool | None = None, f
 
 
 def summary_row(
-    x: Tensor, zero_tol: float = 0.0, sync_free: bool | None = None, full: bool = True, scratch: Tensor | None = None
+    x: Tensor,
+    zero_tol: float = 0.0,
+    sync_free: bool | None = None,
+    full: bool = True,
+    scratch: Tensor | None = None,
+    totals: Tensor | None = None,
 ) -> Tensor | list:
     """:func:`summarize`, but where it read the figures back to the host it returns them as a list of 6 floats.
 
     The collector stacks many rows into one tensor at once, which saves a tensor construction per watched tensor.
     ``scratch``: a 1-d tensor of ``x``'s (widened) dtype and device with at least ``x.numel()`` entries, overwritten
     by the zero count on the host-read path instead of a fresh allocation (the collector keeps one per dtype).
+    ``totals``: ``[sum, sum of squares]`` of ``x`` already computed (e.g. from its channel sums), in the dtype the
+    summary accumulates in; the host-read path then skips those two passes.
     """
     x = x.detach()
     if x.dtype in _LOW_PRECISION:
@@ -66,7 +73,8 @@ def summary_row(
     if not sync_free:
         # Four reductions, read back together; the sum of squares is finite only when every value is finite.
         lo, hi = torch.aminmax(flat)
-        parts = [torch.dot(flat, flat), lo, hi] + ([flat.sum(), _count_above(flat, zero_tol, scratch)] if full else [])
+        total, sum_sq = (flat.sum(), torch.dot(flat, flat)) if totals is None else totals.unbind()
+        parts = [sum_sq, lo, hi] + ([total, _count_above(flat, zero_tol, scratch)] if full else [])
         sum_sq, low, high, total, above = torch.stack(parts).tolist() + ([] if full else [0.0, n])
         if math.isfinite(sum_sq):  # no masking needed; Python floats keep counts above 2**24 exact
             return [float(n), total, sum_sq, max(-low, high), n - above, 0.0]
