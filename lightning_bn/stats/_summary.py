@@ -71,9 +71,23 @@ def summary_row(
     if sync_free is None:
         sync_free = flat.device.type != "cpu"
     if not sync_free:
-        # Four reductions, read back together; the sum of squares is finite only when every value is finite.
+        # The sum of squares is finite only when every value is finite: then no masking is needed.
+        if totals is None:
+            total, sum_sq = (flat.sum() if full else None), torch.dot(flat, flat)
+        else:
+            total, sum_sq = totals.unbind()
+        if flat.device.type == "cpu":  # a read-back costs nothing here: one number at a time, masking only if needed
+            sq = sum_sq.item()
+            if not math.isfinite(sq):
+                return _summarize_masked(flat, zero_tol, full)
+            lo, hi = torch.aminmax(flat)
+            abs_max = max(-lo.item(), hi.item())
+            if not full:
+                return [float(n), 0.0, sq, abs_max, 0.0, 0.0]
+            assert total is not None
+            return [float(n), total.item(), sq, abs_max, n - _count_above(flat, zero_tol, scratch).item(), 0.0]
+        # elsewhere: four reductions read back together (one synchronization)
         lo, hi = torch.aminmax(flat)
-        total, sum_sq = (flat.sum(), torch.dot(flat, flat)) if totals is None else totals.unbind()
         parts = [sum_sq, lo, hi] + ([total, _count_above(flat, zero_tol, scratch)] if full else [])
         sum_sq, low, high, total, above = torch.stack(parts).tolist() + ([] if full else [0.0, n])
         if math.isfinite(sum_sq):  # no masking needed; Python floats keep counts above 2**24 exact
