@@ -1,7 +1,7 @@
 """Collect per-layer statistics on demand into one on-device buffer; one reduction, one transfer to the host.
 
 A :class:`LayerStatsCollector` watches a fixed list of modules. Between :meth:`~LayerStatsCollector.attach` and
-:meth:`~LayerStatsCollector.detach` it holds forward hooks (and, on batch-norm layers, a forward pre-hook) that add
+:meth:`~LayerStatsCollector.detach` it holds one forward hook per watched module that adds
 sufficient statistics of each watched module's output, of a normalization layer's input, of the gradient with respect
 to the output (through a tensor hook) and of a batch-norm layer's batch to per-step accumulators on the device. Any
 number of forwards and backwards may run in between (gradient accumulation): the figures are those of their union.
@@ -412,19 +412,31 @@ class LayerStatsCollector:
 
     # ------------------------------------------------------------------ reduction
     def _bn_figures(
-        self, out: LayerStats, host: np.ndarray, pos: int, bns: list[int], mods: list[nn.Module], sizes: list[int]
+        self,
+        out: LayerStats,
+        host: np.ndarray,
+        pos: int,
+        bns: list[int],
+        mods: list[nn.Module],
+        sizes: list[int],
+        spread_part: bool,
     ) -> int:
         """Batch-norm figures of every layer from the reduced block (laid out in ``finalize``); returns the new pos."""
         total, count = sum(sizes), len(sizes)
-        chunk = host[pos : pos + 8 * total + 2 * count]
+        running = 3 * total if spread_part else 0
+        size = 5 * total + running + 2 * count
+        chunk = host[pos : pos + size]
         moments = chunk[: 3 * total].reshape(3, total)
         snap_mean, snap_var = chunk[3 * total : 4 * total], chunk[4 * total : 5 * total]
-        rm_sum, rm_sq, rv_sum = chunk[5 * total : 6 * total], chunk[6 * total : 7 * total], chunk[7 * total : 8 * total]
-        seen, procs = chunk[8 * total : 8 * total + count], chunk[8 * total + count :]
+        seen, procs = chunk[5 * total + running : 5 * total + running + count], chunk[5 * total + running + count :]
         layer, starts, eps, n = self._bn_layout(mods, sizes)
-        rm_mean, rv_mean = rm_sum / procs[layer], rv_sum / procs[layer]
-        rm_var = np.clip(rm_sq / procs[layer] - rm_mean * rm_mean, 0.0, None)
-        spread = (np.add.reduceat(np.sqrt(rm_var) / np.sqrt(rv_mean + eps), starts) / n).tolist()
+        if spread_part:
+            rm_sum, rm_sq, rv_sum = (chunk[(5 + k) * total : (6 + k) * total] for k in range(3))
+            rm_mean, rv_mean = rm_sum / procs[layer], rv_sum / procs[layer]
+            rm_var = np.clip(rm_sq / procs[layer] - rm_mean * rm_mean, 0.0, None)
+            spread = (np.add.reduceat(np.sqrt(rm_var) / np.sqrt(rv_mean + eps), starts) / n).tolist()
+        else:  # one process: the running statistics do not spread
+            spread = [0.0] * count
         count_b, sum_b, sq_b = moments  # as moments.mean_var(unbiased=True), on the host
         mu_b = sum_b / np.maximum(count_b, 1.0)
         var_b = np.maximum(sq_b - sum_b * mu_b, 0.0) / np.maximum(count_b - 1.0, 1.0)
@@ -438,7 +450,7 @@ class LayerStatsCollector:
             if seen[b] > 0:
                 out.scalars[mean_key] = mean_shift[b]
                 out.scalars[var_key] = var_shift[b]
-        return pos + 8 * total + 2 * count
+        return pos + size
 
     def _bn_layout(self, mods: list[nn.Module], sizes: list[int]) -> tuple[np.ndarray, ...]:
         """Channel -> layer index, layer starts, eps per channel and channels per layer (built once per layout)."""
@@ -501,8 +513,14 @@ class LayerStatsCollector:
             )
         return summ.reshape(-1)
 
-    def _bn_block(self, bns: list[int], mods: list[nn.Module], sizes: list[int], dev: torch.device) -> list[Tensor]:
-        """The batch-norm part of the reduced buffer, in the layout ``_bn_figures`` reads."""
+    def _bn_block(
+        self, bns: list[int], mods: list[nn.Module], sizes: list[int], dev: torch.device, spread_part: bool
+    ) -> list[Tensor]:
+        """The batch-norm part of the reduced buffer, in the layout ``_bn_figures`` reads.
+
+        ``spread_part``: include the running means, their squares and the running variances, whose spread across
+        processes is ``bn/running_spread`` (left out for one process, where the spread is 0).
+        """
         dt, total = self.dtype, sum(sizes)
         where = {i: b for b, i in enumerate(bns)}
         sums: dict[int, Tensor] = {}
@@ -526,10 +544,12 @@ class LayerStatsCollector:
         # the snapshot counts only where the layer ran (the processes that saw it divide it on the host)
         snapshot = self._bn_snapshot if self._bn_snapshot is not None else torch.zeros(2 * total, dtype=dt)
         snapshot = _on(snapshot, dev) * snapshot_mask
+        moments = torch.cat([channel_counts, moment_sums.reshape(-1)])  # (3, S) flat: count, sum, sum of squares
+        if not spread_part:
+            return [moments, snapshot, flags]
         now = torch.cat([_on(m.running_mean.detach(), dev) for m in mods]
                         + [_on(m.running_var.detach(), dev) for m in mods]).to(dt)
         running_mean, running_var = now[:total], now[total:]
-        moments = torch.cat([channel_counts, moment_sums.reshape(-1)])  # (3, S) flat: count, sum, sum of squares
         return [moments, snapshot, running_mean, running_mean * running_mean, running_var, flags]
 
     def finalize(
@@ -551,16 +571,18 @@ class LayerStatsCollector:
         # Batch-norm layers, all at once: moments (3, S) | running-mean and -var snapshots | running mean, its square
         # and running var now | seen per layer | 1 per layer (counts the processes); S = channels of every layer.
         bns = self.bn_index if self.batch_norm else []
+        world = distributed_world_size(group) if reduce else 1
+        spread_part = world > 1
         bn_mods = [self.modules[i][1] for i in bns]
         bn_sizes = [m.running_mean.numel() for m in bn_mods]
         if bns:
-            parts += self._bn_block(bns, bn_mods, bn_sizes, dev)
+            parts += self._bn_block(bns, bn_mods, bn_sizes, dev, spread_part)
         hist_mods = list(range(n_mod)) if (self.histograms and self.activations) else []
         nb = self.bins.num_bins
         for i in hist_mods:
             parts.append(self._hist.get(i, torch.zeros(nb, dtype=dt, device=dev)))
         reduced = torch.cat(parts) if len(parts) > 1 else parts[0]
-        if reduce and distributed_world_size(group) > 1:
+        if world > 1:
             max_mask = torch.zeros(reduced.numel(), dtype=torch.bool, device=dev)
             max_mask[_ABS_MAX : 3 * n_mod * _NF : _NF] = True
             reduced = reduce_across_processes(reduced, max_mask, group)
@@ -610,7 +632,7 @@ class LayerStatsCollector:
         abs_max_out = table[_OUT::3, _ABS_MAX]
 
         if bns:
-            pos = self._bn_figures(out, host, pos, bns, bn_mods, bn_sizes)
+            pos = self._bn_figures(out, host, pos, bns, bn_mods, bn_sizes, spread_part)
         for i in hist_mods:
             counts = host[pos : pos + nb]
             pos += nb
