@@ -287,7 +287,7 @@ class LayerStatsMonitor(Callback):
     ) -> None:
         if self._train is None or self._train.attached:
             return  # a later micro-batch of a step being collected
-        every = self.log_every_n_steps or trainer.log_every_n_steps
+        every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 50)  # set by the Trainer
         collect, hist = self.should_collect(trainer.global_step, every, self.histogram_every_n_steps)
         if collect:
             self._train.attach(histograms=hist)
@@ -304,7 +304,7 @@ class LayerStatsMonitor(Callback):
         self._train.record_params(params)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         enabled = scaler is not None and (not hasattr(scaler, "is_enabled") or scaler.is_enabled())
-        self._loss_scale = float(scaler.get_scale()) if enabled else 1.0
+        self._loss_scale = float(scaler.get_scale()) if enabled and scaler is not None else 1.0
         self._stepped = True
 
     @override
@@ -373,7 +373,7 @@ class LayerStatsMonitor(Callback):
         self.last_metrics, self.last_stats = metrics, stats
         if not prefix:
             self.history.append((step, stats.scalars))
-            del self.history[: -self.heatmap_max_steps]
+            del self.history[: -int(self.heatmap_max_steps or 1)]
             self._logs += 1
         if trainer.is_global_zero:
             self._write(trainer, stats, metrics, step, heatmaps=not prefix)

@@ -98,7 +98,7 @@ def _text_stamp(text: str, size: int, anchor: str) -> tuple[np.ndarray, int, int
     font = _font(size)
     if not isinstance(font, ImageFont.FreeTypeFont):  # Pillow < 10.1's bitmap font: no anchors
         return None
-    left, top, right, bottom = font.getbbox(text, anchor=anchor)
+    left, top, right, bottom = (int(v) for v in font.getbbox(text, anchor=anchor))
     mask = Image.new("L", (max(right - left, 1), max(bottom - top, 1)), 0)
     ImageDraw.Draw(mask).text((-left, -top), text, fill=255, font=font, anchor=anchor)
     return np.asarray(mask), left, top

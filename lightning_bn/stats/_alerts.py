@@ -67,8 +67,11 @@ def find_alerts(stats: LayerStats, thresholds: AlertThresholds | None = None, pr
                 alerts["std_collapse"].append(name)
             elif std > th.std_high:
                 alerts["std_explode"].append(name)
-    grads = [(n, get("act_grad", "rms", n)) for n in order]
-    grads = [(n, g) for n, g in grads if g is not None and math.isfinite(g)]
+    grads: list[tuple[str, float]] = []
+    for n in order:
+        g = get("act_grad", "rms", n)
+        if g is not None and math.isfinite(g):
+            grads.append((n, g))
     if len(grads) >= 2:
         (first, g_first), (_, g_last) = grads[0], grads[-1]
         if g_first * th.grad_ratio < g_last:

@@ -82,6 +82,13 @@ def _figures(table: np.ndarray) -> dict[str, list[float]]:
     }
 
 
+def _running(module: nn.Module) -> tuple[Tensor, Tensor]:
+    """A batch-norm layer's running mean and variance, typed (``nn.Module`` types its buffers loosely)."""
+    mean, var = module.running_mean, module.running_var
+    assert isinstance(mean, Tensor) and isinstance(var, Tensor)
+    return mean, var
+
+
 def _on(t: Tensor, dev: torch.device) -> Tensor:
     return t if t.device == dev else t.to(dev)
 
@@ -226,8 +233,9 @@ class LayerStatsCollector:
             if self.batch_norm and self.bn_index:
                 with torch.no_grad():
                     mods = [self.modules[i][1] for i in self.bn_index]
-                    dev = mods[0].running_mean.device
-                    buffers = [m.running_mean.to(dev) for m in mods] + [m.running_var.to(dev) for m in mods]
+                    running = [_running(m) for m in mods]
+                    dev = running[0][0].device
+                    buffers = [mean.to(dev) for mean, _ in running] + [var.to(dev) for _, var in running]
                     self._bn_snapshot = torch.cat(buffers).to(self.dtype)  # cat copies: later updates do not show
             for i, (_, module) in enumerate(self.modules):
                 self._handles.append(module.register_forward_hook(self._hooks[i]))
@@ -273,7 +281,7 @@ class LayerStatsCollector:
                         if bn and entry is not None and entry[3] is not None:
                             # from the next collection on, the producer computes the channel sums of its output
                             # along with its summary (they give its sum and sum of squares) and this layer reuses them
-                            self._feeds_bn[entry[3]] = (self._channel_dim(module, x), module.running_mean.numel())
+                            self._feeds_bn[entry[3]] = (self._channel_dim(module, x), _running(module)[0].numel())
                             sums = entry[4] if entry[5] == self._channel_dim(module, x) else None
                     for t in outputs:
                         if t.is_floating_point() or t.is_complex():
@@ -335,8 +343,9 @@ class LayerStatsCollector:
         return 1 if getattr(module, "layout", "channels_first") == "channels_first" else x.dim() - 1
 
     def _add_bn_moments(self, i: int, module: nn.Module, x: Tensor, sums: Tensor | None = None) -> None:
-        if sums is None or sums.shape[-1] != module.running_mean.numel():
-            sums = self._channel_sums(x, self._channel_dim(module, x), module.running_mean.numel())
+        channels = _running(module)[0].numel()
+        if sums is None or sums.shape[-1] != channels:
+            sums = self._channel_sums(x, self._channel_dim(module, x), channels)
         if sums is not None:
             self._bn_moments.append((i, sums, x.numel() / sums.shape[-1]))
 
@@ -547,8 +556,9 @@ class LayerStatsCollector:
         moments = torch.cat([channel_counts, moment_sums.reshape(-1)])  # (3, S) flat: count, sum, sum of squares
         if not spread_part:
             return [moments, snapshot, flags]
-        now = torch.cat([_on(m.running_mean.detach(), dev) for m in mods]
-                        + [_on(m.running_var.detach(), dev) for m in mods]).to(dt)
+        running = [_running(m) for m in mods]
+        now = torch.cat([_on(mean.detach(), dev) for mean, _ in running]
+                        + [_on(var.detach(), dev) for _, var in running]).to(dt)
         running_mean, running_var = now[:total], now[total:]
         return [moments, snapshot, running_mean, running_mean * running_mean, running_var, flags]
 
@@ -574,7 +584,7 @@ class LayerStatsCollector:
         world = distributed_world_size(group) if reduce else 1
         spread_part = world > 1
         bn_mods = [self.modules[i][1] for i in bns]
-        bn_sizes = [m.running_mean.numel() for m in bn_mods]
+        bn_sizes = [_running(m)[0].numel() for m in bn_mods]
         if bns:
             parts += self._bn_block(bns, bn_mods, bn_sizes, dev, spread_part)
         hist_mods = list(range(n_mod)) if (self.histograms and self.activations) else []
@@ -602,10 +612,11 @@ class LayerStatsCollector:
         abs_keys = sorted(self._grad_abs_max)
         if abs_keys:
             local.append(torch.stack([_on(self._grad_abs_max[k], dev) for k in abs_keys]))
-        gamma_bns = [i for i in (self.bn_index if self.batch_norm else []) if self.modules[i][1].weight is not None]
-        gamma_sizes = [self.modules[i][1].weight.numel() for i in gamma_bns]
-        if gamma_bns:  # |gamma| of every layer; the thresholding is done on the host
-            local.append(torch.cat([_on(self.modules[i][1].weight.detach(), dev).reshape(-1) for i in gamma_bns]).abs())
+        gammas = [(i, w) for i in (self.bn_index if self.batch_norm else [])
+                  if isinstance(w := self.modules[i][1].weight, Tensor)]
+        gamma_bns, gamma_sizes = [i for i, _ in gammas], [w.numel() for _, w in gammas]
+        if gammas:  # |gamma| of every layer; the thresholding is done on the host
+            local.append(torch.cat([_on(w.detach(), dev).reshape(-1) for _, w in gammas]).abs())
         hist_keys = sorted(self._param_hist)
         for key in hist_keys:
             local.append(self._param_hist[key])

@@ -88,10 +88,13 @@ def summary_row(
             return [float(n), total.item(), sq, abs_max, n - _count_above(flat, zero_tol, scratch).item(), 0.0]
         # elsewhere: four reductions read back together (one synchronization)
         lo, hi = torch.aminmax(flat)
-        parts = [sum_sq, lo, hi] + ([total, _count_above(flat, zero_tol, scratch)] if full else [])
-        sum_sq, low, high, total, above = torch.stack(parts).tolist() + ([] if full else [0.0, n])
-        if math.isfinite(sum_sq):  # no masking needed; Python floats keep counts above 2**24 exact
-            return [float(n), total, sum_sq, max(-low, high), n - above, 0.0]
+        parts = [sum_sq, lo, hi]
+        if total is not None:
+            parts += [total, _count_above(flat, zero_tol, scratch)]
+        values = torch.stack(parts).tolist() + ([] if total is not None else [0.0, n])
+        square_sum, low, high, value_sum, above = values
+        if math.isfinite(square_sum):  # no masking needed; Python floats keep counts above 2**24 exact
+            return [float(n), value_sum, square_sum, max(-low, high), n - above, 0.0]
     return _summarize_masked(flat, zero_tol, full)
 
 
