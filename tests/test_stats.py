@@ -235,7 +235,7 @@ def test_every_figure_against_manual_computation(warm: bool, monkeypatch: pytest
 def test_nonfinite_values_and_tuple_dict_outputs() -> None:
     class Pair(nn.Module):
         def forward(self, x: torch.Tensor) -> tuple:
-            return x * 2, {"copy": x.clone(), "index": torch.arange(3)}
+            return x * 2, {"copy": x.clone(), "index": torch.arange(3), "spectrum": torch.complex(x, x)}
 
     class Model(nn.Module):
         def __init__(self) -> None:
@@ -254,7 +254,7 @@ def test_nonfinite_values_and_tuple_dict_outputs() -> None:
     model(x)
     collector.detach()
     s = collector.finalize().scalars
-    both = torch.cat([x * 2, x])  # the integer tensor is not an activation
+    both = torch.cat([x * 2, x])  # the integer and the complex tensors are not activations
     for stat, value in _manual(both).items():
         assert s[f"act/{stat}/pair"] == pytest.approx(value, rel=1e-12), stat
     assert s["act/frac_nonfinite/pair"] == pytest.approx(4 / 16)

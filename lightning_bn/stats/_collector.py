@@ -53,9 +53,12 @@ def in_backward_pass() -> bool:
 
 
 def _float_tensors(obj: Any) -> Iterator[Tensor]:
-    """The floating-point tensors of a module output: a tensor, or those inside tuples, lists and dicts."""
+    """The real floating-point tensors of a module output: a tensor, or those inside tuples, lists and dicts.
+
+    Integer, boolean and complex tensors are not activations here (a complex spectrum has no order for a maximum).
+    """
     if isinstance(obj, Tensor):
-        if obj.is_floating_point() or obj.is_complex():
+        if obj.is_floating_point():
             yield obj
     elif isinstance(obj, (tuple, list)):
         for item in obj:
@@ -266,7 +269,10 @@ class LayerStatsCollector:
         grad_hook = self._make_grad_hook(i)
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            outputs = [output] if type(output) is Tensor else list(_float_tensors(output))
+            if type(output) is Tensor:
+                outputs = [output] if output.is_floating_point() else []
+            else:
+                outputs = list(_float_tensors(output))
             if not in_backward_pass():
                 self.forwards += 1
                 if i not in self._ordered:
@@ -284,10 +290,9 @@ class LayerStatsCollector:
                             self._feeds_bn[entry[3]] = (self._channel_dim(module, x), _running(module)[0].numel())
                             sums = entry[4] if entry[5] == self._channel_dim(module, x) else None
                     for t in outputs:
-                        if t.is_floating_point() or t.is_complex():
-                            self._add_summary(out_slot, t, producer=i)
-                            if self.histograms:
-                                self._add_hist(i, t)
+                        self._add_summary(out_slot, t, producer=i)
+                        if self.histograms:
+                            self._add_hist(i, t)
                 if bn and self.batch_norm and x is not None:
                     self._add_bn_moments(i, module, x, sums)
             if self.activation_grads:
