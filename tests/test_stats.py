@@ -457,3 +457,33 @@ def test_host_figures_match_the_torch_definitions() -> None:
     assert set(got) == set(ref)
     for key, values in got.items():
         np.testing.assert_allclose(values, ref[key].numpy(), rtol=1e-12, atol=0, err_msg=key)
+
+
+def test_counts_of_2_pow_24_and_more_float32_values_are_exact() -> None:
+    # float32 cannot hold 2**24 + 3: the counts are kept in float64 on every path
+    n = 2**24 + 3
+    x = torch.ones(n)
+    x[5] = 0.0
+    y = x.clone()
+    y[7] = float("nan")
+    for sync_free in (None, True):
+        got = summarize(x, sync_free=sync_free).tolist()
+        assert got[0] == n and got[4] == 1 and got[5] == 0, (sync_free, got)
+        got = summarize(y, sync_free=sync_free).tolist()  # the masked path
+        assert got[0] == n - 1 and got[4] == 1 and got[5] == 1, (sync_free, got)
+
+
+def test_parameter_norms_with_mixed_dtypes() -> None:
+    wide, half = nn.Linear(3, 2).double(), nn.Linear(3, 2).half()
+    model = nn.Sequential(wide, half)
+    collector = LayerStatsCollector(select_modules(model))
+    collector.attach()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    collector.record_params()
+    collector.record_updates()
+    collector.detach()
+    s = collector.finalize().scalars
+    for name, p in model.named_parameters():
+        assert s[f"param/norm/{name}"] == pytest.approx(p.double().norm().item(), rel=1e-6), name
+        assert s[f"grad/norm/{name}"] == pytest.approx(math.sqrt(p.numel()), rel=1e-6), name

@@ -97,9 +97,11 @@ def _on(t: Tensor, dev: torch.device) -> Tensor:
 
 
 def _norms(tensors: list[Tensor]) -> list[Tensor]:
-    """L2 norms of many tensors in one foreach kernel, in float32 at least (a half norm overflows at 65504)."""
-    low = any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
-    return list(torch._foreach_norm(tensors, 2, dtype=torch.float32) if low else torch._foreach_norm(tensors, 2))
+    """L2 norms of many tensors in one foreach kernel: float32 when all are float32, else float64 (a half norm
+    overflows at 65504, and the kernel takes one accumulation dtype that no input may be narrowed to)."""
+    if all(t.dtype == torch.float32 for t in tensors):
+        return list(torch._foreach_norm(tensors, 2))
+    return list(torch._foreach_norm(tensors, 2, dtype=torch.float64))
 
 
 @dataclass
@@ -309,7 +311,7 @@ class LayerStatsCollector:
             # gradients: RMS, max and non-finite fraction only (ACTIVATION_GRAD_STATS), no sum or zeros
             self._summaries.append(summary_row(grad, self.zero_tol, full=False))
             self._slots.append(slot)
-            if self._dev is None:
+            if self._dev is None or self._dev.type == "cpu":
                 self._dev = grad.device
             self.summaries += 1
 
@@ -331,7 +333,7 @@ class LayerStatsCollector:
             totals = None if sums is None else sums.sum(1)
             summary = summary_row(t, self.zero_tol, scratch=self._scratch(t), totals=totals)
             self.summaries += 1
-            if self._dev is None:
+            if self._dev is None or self._dev.type == "cpu":  # an accelerator's, if any tensor is on one
                 self._dev = t.device
             if producer is not None and version is not None:
                 self._recent = {key: (weakref.ref(t), version, summary, producer, sums, cdim)}

@@ -91,7 +91,7 @@ def summary_row(
         parts = [sum_sq, lo, hi]
         if total is not None:
             parts += [total, _count_above(flat, zero_tol, scratch)]
-        values = torch.stack(parts).tolist() + ([] if total is not None else [0.0, n])
+        values = torch.stack([p.double() for p in parts]).tolist() + ([] if total is not None else [0.0, n])
         square_sum, low, high, value_sum, above = values
         if math.isfinite(square_sum):  # no masking needed; Python floats keep counts above 2**24 exact
             return [float(n), value_sum, square_sum, max(-low, high), n - above, 0.0]
@@ -99,7 +99,8 @@ def summary_row(
 
 
 def _count_above(flat: Tensor, zero_tol: float, scratch: Tensor | None = None) -> Tensor:
-    """Number of entries with ``|x| > zero_tol`` of a finite 1-d tensor, as a 0-d tensor of its dtype."""
+    """Number of entries with ``|x| > zero_tol`` of a finite 1-d tensor, as a 0-d tensor of its dtype (float64 for
+    a float32 tensor of 2**24 or more entries, whose count float32 cannot hold exactly)."""
     n = flat.numel()
     usable = (
         scratch is not None and scratch.numel() >= n and scratch.dtype == flat.dtype and scratch.device == flat.device
@@ -111,7 +112,7 @@ def _count_above(flat: Tensor, zero_tol: float, scratch: Tensor | None = None) -
     else:
         marks = torch.abs(flat, out=out).sub_(zero_tol).sign_().clamp_min_(0.0)
     if marks.dtype == torch.float32 and flat.numel() >= _EXACT_FLOAT32_COUNT:
-        return marks.abs_().sum(dtype=torch.float64).to(marks.dtype)
+        return marks.abs_().sum(dtype=torch.float64)
     return torch.dot(marks, marks)  # marks are 0 or +-1: the dot is the count
 
 
@@ -121,17 +122,16 @@ def _summarize_masked(flat: Tensor, zero_tol: float, full: bool = True) -> Tenso
     finite_part = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
     # x - x is 0 where x is finite and NaN where it is not: count those NaNs without a boolean reduction
     nonfinite_marks = torch.nan_to_num(flat - flat, nan=1.0)
-    if nonfinite_marks.dtype == torch.float32 and n >= _EXACT_FLOAT32_COUNT:
-        nonfinite = nonfinite_marks.sum(dtype=torch.float64).to(flat.dtype)
-    else:
-        nonfinite = nonfinite_marks.sum()
+    # counts of 2**24 or more float32 terms are summed, and the row kept, in float64 (float32 stops counting there)
+    wide = nonfinite_marks.dtype == torch.float32 and n >= _EXACT_FLOAT32_COUNT
+    dtype = torch.float64 if wide else flat.dtype
+    nonfinite = nonfinite_marks.sum(dtype=dtype)
     lo, hi = torch.aminmax(finite_part)
     if full:
         total = finite_part.sum()
         # the masked-out entries are 0 in finite_part, so they count as zeros there: take them off again
-        zeros = n - _count_above(finite_part, zero_tol) - nonfinite
+        zeros = n - _count_above(finite_part, zero_tol).to(dtype) - nonfinite
     else:
         total = zeros = torch.zeros_like(nonfinite)
-    return torch.stack(
-        [n - nonfinite, total, torch.dot(finite_part, finite_part), torch.maximum(-lo, hi), zeros, nonfinite]
-    )
+    parts = [n - nonfinite, total, torch.dot(finite_part, finite_part), torch.maximum(-lo, hi), zeros, nonfinite]
+    return torch.stack([p.to(dtype) for p in parts])
