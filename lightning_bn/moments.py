@@ -74,7 +74,15 @@ def channel_moments(x: Tensor, channel_dim: int = 1, dtype: torch.dtype | None =
         return torch.stack([count, flat.sum(0), (flat * flat).sum(0)])
     # Reducing the trailing positions first, then the leading ones, is 2-3x faster on CPU than one reduction over
     # both or a moved channel dimension.
-    view = x.reshape(lead, num_channels, trail).to(dtype)
+    view = x.reshape(lead, num_channels, trail)
+    if not (torch.is_grad_enabled() and x.requires_grad) and torch.promote_types(x.dtype, dtype) == dtype:
+        # No gradient needed: accumulate in `dtype` inside the kernels instead of reducing a converted copy (a
+        # float64 copy of a float32 activation reduced this way measured ~10x slower on CPU); the sum of squares as
+        # a squared norm (relative rounding ~1e-16 in float64). Not for autograd: a norm's gradient is NaN at 0.
+        sums = view.sum(2, dtype=dtype).sum(0)
+        squares = torch.linalg.vector_norm(view, 2, dim=2, dtype=dtype).square().sum(0)
+        return torch.stack([count, sums, squares])
+    view = view.to(dtype)
     return torch.stack([count, view.sum(2).sum(0), (view * view).sum(2).sum(0)])
 
 

@@ -3,9 +3,9 @@
 Every record TensorBoard's ``EventFileWriter`` writes carries two masked CRC-32C checksums, computed by
 ``tensorboard.compat.tensorflow_stub.pywrap_tensorflow.masked_crc32c``: a Python loop over every byte, about 0.15 us a
 byte. The monitor's scalars of one step are one record of ~9 KB (260 tags on the example CNN), so logging every step
-costs ~1.4 ms of checksum a step, in the writer thread but holding the GIL, so the training thread waits for it (the
-overhead benchmark measured 4-5 ms a step, a third of the monitor's whole cost, before this). ``google-crc32c``
-computes the same checksum in C (~1 us for 9 KB); :func:`fast_tensorboard_checksums` puts it in place of the pure
+costs 1.4 ms of checksum a step (``python -m benchmarks.writing``), in the writer thread but holding the GIL, so
+the training thread waits for it. ``google-crc32c`` computes the same checksum in C (about 1 us for the same record,
+same benchmark); :func:`fast_tensorboard_checksums` puts it in place of the pure
 Python one in TensorBoard's record writer. The files written are byte for byte the same (tested against TensorBoard's
 own function and read back by its reader, which verifies the checksums).
 """

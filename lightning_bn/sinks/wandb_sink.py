@@ -65,14 +65,16 @@ class WandbSink(LoggerSink):
         step: int,
         exact: Mapping[str, float] | None = None,
     ) -> None:
-        super().log_histogram(tag, edges, counts, step, exact)
+        check_tag(tag)
+        step = check_step(step)
+        checked = check_histogram(edges, counts)  # once: the checks of the base class, kept for the merge
         if not self._writes():
             return
         import wandb
 
-        edges_arr, counts_arr = merge_bins(*check_histogram(edges, counts), max_bins=WANDB_MAX_BINS)
+        edges_arr, counts_arr = merge_bins(*checked, max_bins=WANDB_MAX_BINS)
         histogram = wandb.Histogram(np_histogram=(counts_arr.tolist(), edges_arr.tolist()))
-        self.logger.log_metrics({tag: histogram}, check_step(step))  # type: ignore[dict-item]
+        self.logger.log_metrics({tag: histogram}, step)  # type: ignore[dict-item]
 
     @override
     def log_heatmap(

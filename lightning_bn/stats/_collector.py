@@ -17,7 +17,6 @@ gradient hook fires only for a tensor that takes part in the backward pass, so e
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 
 from lightning_bn.moments import (
     SUMMARY_FIELDS,
+    channel_moments,
     distributed_world_size,
     reduce_across_processes,
 )
@@ -182,7 +182,6 @@ class LayerStatsCollector:
         self._handles: list[Any] = []
         self._hooks = [self._make_hook(i) for i in range(len(self.modules))]
         self._scratch_buffers: dict[torch.dtype, Tensor] = {}
-        self._ones: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
         # module index -> (channel dim, channels) of the batch-norm layer its output fed in an earlier collection
         self._feeds_bn: dict[int, tuple[int, int]] = {}
         self._keys: list[tuple[int, list[tuple[str, str]]]] | None = None
@@ -258,11 +257,12 @@ class LayerStatsCollector:
         """A reusable 1-d buffer for ``like`` on the CPU (where a fresh large allocation costs page faults)."""
         if like.device.type != "cpu":
             return None
-        key = like.dtype
+        # summary_row widens half and bfloat16 to float32 before it counts: the buffer has the widened dtype
+        key = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
         buf = self._scratch_buffers.get(key)
         n = like.numel()
         if buf is None or buf.numel() < n:
-            buf = self._scratch_buffers[key] = torch.empty(n, dtype=like.dtype)
+            buf = self._scratch_buffers[key] = torch.empty(n, dtype=key)
         return buf
 
     def _make_hook(self, i: int) -> Any:
@@ -356,28 +356,13 @@ class LayerStatsCollector:
         if sums is not None:
             self._bn_moments.append((i, sums, x.numel() / sums.shape[-1]))
 
-    def _channel_sums(self, x: Tensor, cdim: int, channels: int) -> Tensor | None:
+    @staticmethod
+    def _channel_sums(x: Tensor, cdim: int, channels: int) -> Tensor | None:
         """Per-channel sums and sums of squares ``(2, C)`` of ``x`` (float32 at least); None if ``x`` has no
         dimension ``cdim`` of ``channels`` entries."""
         if x.dim() < 2 or cdim >= x.dim() or x.shape[cdim] != channels:
             return None
-        x = x.detach()
-        if x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()  # float32 sums for float32 input, as the summaries; float64 stays float64
-        lead, trail = math.prod(x.shape[:cdim]), math.prod(x.shape[cdim + 1 :])
-        if trail == 1:  # channels last: (M, C)
-            rows = x.reshape(lead, channels)
-            return torch.stack([rows.sum(0), (rows * rows).sum(0)])
-        # Per (sample, channel) row: the sum as a matrix-vector product with ones and the sum of squares as a
-        # row-wise dot product, one pass each (~2x faster on CPU than sum, square and sum again); then the
-        # small (2, lead, C) result summed over the samples.
-        rows = x.reshape(lead * channels, trail)
-        key = (trail, x.dtype, x.device)
-        ones = self._ones.get(key)
-        if ones is None:
-            ones = self._ones[key] = torch.ones(trail, dtype=x.dtype, device=x.device)
-        per_row = torch.stack([torch.mv(rows, ones), torch.linalg.vecdot(rows, rows)])
-        return per_row.view(2, lead, channels).sum(1)
+        return channel_moments(x.detach(), cdim)[1:]  # float32 sums for float32 input, as the summaries
 
     # ------------------------------------------------------------------ parameters
     def record_params(self, params: Iterable[Tensor] | None = None, histograms: bool | None = None) -> None:
