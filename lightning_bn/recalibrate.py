@@ -502,16 +502,18 @@ def recalibrate_bn(
                         f"(got an empty {type(batches).__name__})"
                     )
             moments = reduced[:-1].view(-1)
-            offset = 0
+            views, offset = [], 0
             for name in todo:
-                m = selected[name]
-                size = 3 * m.num_features
-                mom = moments[offset: offset + size].view(3, m.num_features)
+                size = 3 * selected[name].num_features
+                views.append(moments[offset: offset + size].view(3, -1))
                 offset += size
+            counts = torch.stack([mom[COUNT].max() for mom in views]).tolist() if views else []  # one host read
+            for name, mom, count_value in zip(todo, views, counts):
+                m = selected[name]
                 if levels[name] > level:
                     continue  # collected only because pass 0 collects everything; a later level recomputes it
                 finalized.add(name)
-                count = int(mom[COUNT].max().item())
+                count = int(count_value)
                 if count == 0:
                     no_input.append(name)
                     continue

@@ -71,7 +71,7 @@ class _LayoutBatchNorm(_BatchNorm):
 
     ``sync_stats`` and ``sync_group`` (class defaults: off, the world) switch on synchronization across processes:
     :class:`lightning_bn.plugins.SyncNormPlugin` sets them on the instance for the duration of a fit and removes
-    them after. Each kind documents what it synchronizes.
+    them after. Each kind documents what it synchronizes (:class:`SyncBatchNorm` always does and ignores them).
     """
 
     sync_stats: bool = False

@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_bn.layers._layout import CHANNELS_FIRST, CHANNELS_LAST, channel_dim, check_layout
+from lightning_bn.layers._batch import _LayoutBatchNorm
+from lightning_bn.layers._layout import CHANNELS_FIRST, CHANNELS_LAST, channel_dim
 from lightning_bn.moments import COUNT, all_reduce_sum, channel_moments, distributed_world_size, mean_var
 
 __all__ = ["SyncBatchNorm"]
@@ -29,7 +29,7 @@ def _broadcast(t: Tensor, ndim: int, cdim: int) -> Tensor:
     return t.view(shape)
 
 
-class SyncBatchNorm(_BatchNorm):
+class SyncBatchNorm(_LayoutBatchNorm):
     """Batch norm whose training statistics are those of the union of every process's batch.
 
     Works on any backend torch.distributed supports (gloo on CPU included), with channels-first ``(N, C, *)`` or
@@ -75,17 +75,13 @@ class SyncBatchNorm(_BatchNorm):
         device: Any = None,
         dtype: Any = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        self.layout = check_layout(layout)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, layout, device=device, dtype=dtype)
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             shape = "(N, C, *)" if self.layout == CHANNELS_FIRST else "(N, *, C)"
             raise ValueError(f"expected input of shape {shape} with at least 2 dimensions, got {tuple(input.shape)}")
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, layout={self.layout}"
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
