@@ -35,7 +35,7 @@ from lightning_bn.moments import (
 )
 from lightning_bn.stats._histogram import LogBins, bin_counts, histogram_edges, trim_histogram
 from lightning_bn.stats._select import has_batch_stats, is_norm
-from lightning_bn.stats._summary import summary_row
+from lightning_bn.stats._summary import channel_summary, summary_backend, summary_row
 
 __all__ = ["LayerStats", "LayerStatsCollector", "ACTIVATION_STATS", "ACTIVATION_GRAD_STATS", "in_backward_pass"]
 
@@ -255,7 +255,7 @@ class LayerStatsCollector:
 
     def _scratch(self, like: Tensor) -> Tensor | None:
         """A reusable 1-d buffer for ``like`` on the CPU (where a fresh large allocation costs page faults)."""
-        if like.device.type != "cpu":
+        if like.device.type != "cpu" or summary_backend() == "c":  # the C kernel needs no buffer
             return None
         # summary_row widens half and bfloat16 to float32 before it counts: the buffer has the widened dtype
         key = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
@@ -326,12 +326,18 @@ class LayerStatsCollector:
         if version is not None and cached is not None and cached[0]() is t and cached[1] == version:
             summary, entry = cached[2], cached
         else:
-            entry, sums, cdim = None, None, None
+            entry, sums, cdim, fused = None, None, None, None
             if producer is not None and producer in self._feeds_bn:
                 cdim, channels = self._feeds_bn[producer]
-                sums = self._channel_sums(t, cdim, channels)
-            totals = None if sums is None else sums.sum(1)
-            summary = summary_row(t, self.zero_tol, scratch=self._scratch(t), totals=totals)
+                if cdim < t.dim() and t.shape[cdim] == channels:
+                    fused = channel_summary(t, cdim, self.zero_tol)  # one pass in C, where it is built
+                if fused is None:
+                    sums = self._channel_sums(t, cdim, channels)
+            if fused is not None:
+                summary, sums = fused
+            else:
+                totals = None if sums is None else sums.sum(1)
+                summary = summary_row(t, self.zero_tol, scratch=self._scratch(t), totals=totals)
             self.summaries += 1
             if self._dev is None or self._dev.type == "cpu":  # an accelerator's, if any tensor is on one
                 self._dev = t.device
@@ -362,6 +368,9 @@ class LayerStatsCollector:
         dimension ``cdim`` of ``channels`` entries."""
         if x.dim() < 2 or cdim >= x.dim() or x.shape[cdim] != channels:
             return None
+        fused = channel_summary(x, cdim)  # float64 sums in one C pass, where it is built
+        if fused is not None:
+            return fused[1]
         return channel_moments(x.detach(), cdim)[1:]  # float32 sums for float32 input, as the summaries
 
     # ------------------------------------------------------------------ parameters

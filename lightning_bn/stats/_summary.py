@@ -11,6 +11,12 @@ Why the passes look as they do (measured on CPU, one thread, a 131k-element floa
 boolean tensor (``x == 0``, ``isfinite``, ``count_nonzero``) costs 200-1200 us. So zeros are counted as the
 non-zeros of ``sign(x)`` (a dot product of ``sign(x)`` with itself) and non-finite values are detected from the sum
 of squares, which is finite exactly when every value is finite (or falls back to the masked path when it overflows).
+
+On the CPU all of that is one pass: the C extension ``lightning_bn._kernels`` (built with the package when a C
+compiler is there, see ``setup.py``) computes the six figures of a dense float32 or float64 tensor, and the
+per-channel sums and sums of squares a batch norm needs, in one read of the tensor (float32 summed in float lanes
+of at most 16 terms, then in float64; counts exact). :func:`summary_backend` says whether it is in use; without it
+the torch kernels above run.
 """
 
 from __future__ import annotations
@@ -20,11 +26,61 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["summarize", "summary_row"]
+try:
+    from lightning_bn import _kernels as KERNELS
+except ImportError:  # installed without a C compiler: the torch kernels do it
+    KERNELS = None
+
+__all__ = ["summarize", "summary_row", "summary_backend", "channel_summary"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Sums of 0/1 indicators are exact in float32 below 2**24 terms, whatever the summation order.
 _EXACT_FLOAT32_COUNT = 2**24
+
+
+_KERNEL_DTYPES = {torch.float32: 0, torch.float64: 1}
+
+
+def summary_backend() -> str:
+    """``"c"`` when CPU summaries run in the one-pass C kernel (``lightning_bn._kernels``), else ``"torch"``."""
+    return "c" if KERNELS is not None else "torch"
+
+
+def _dense(x: Tensor) -> Tensor | None:
+    """``x`` as the C kernel reads it (on the CPU, float32 or float64, contiguous: half and bfloat16 are widened,
+    other layouts copied), or None when the kernel cannot take it."""
+    if KERNELS is None or x.device.type != "cpu" or x.is_complex() or x.is_sparse:
+        return None
+    if x.dtype in _LOW_PRECISION:
+        x = x.float()
+    if x.dtype not in _KERNEL_DTYPES:
+        return None
+    if x.is_contiguous():
+        return x
+    return x.contiguous()
+
+
+def channel_summary(x: Tensor, channel_dim: int, zero_tol: float = 0.0) -> tuple[list[float], Tensor] | None:
+    """The summary row of ``x`` and its per-channel ``(2, C)`` float64 sums and sums of squares, in one pass.
+
+    Only through the C kernel (None when it is not built, or ``x`` is not on the CPU, or not float): the caller then
+    computes the two with :func:`lightning_bn.moments.channel_moments` and :func:`summary_row`.
+    """
+    if x.dim() < 2:
+        return None
+    x = x.detach()
+    dense = _dense(x)
+    if dense is None or KERNELS is None:
+        return None
+    cdim = channel_dim % x.dim()
+    channels = x.shape[cdim]
+    if channels == 0:
+        return None
+    lead, trail = math.prod(x.shape[:cdim]), math.prod(x.shape[cdim + 1 :])
+    sums = torch.empty(2, channels, dtype=torch.float64)
+    row = KERNELS.summarize(dense.data_ptr(), _KERNEL_DTYPES[dense.dtype], lead, channels, trail, float(zero_tol),
+                            sums.data_ptr())
+    return list(row), sums
 
 
 def summarize(x: Tensor, zero_tol: float = 0.0, sync_free: bool | None = None, full: bool = True) -> Tensor:
@@ -62,6 +118,14 @@ def summary_row(
     summary accumulates in; the host-read path then skips those two passes.
     """
     x = x.detach()
+    if KERNELS is not None and x.device.type == "cpu" and sync_free is not True:
+        dense = _dense(x)
+        if dense is not None:  # one pass in C
+            row = list(KERNELS.summarize(dense.data_ptr(), _KERNEL_DTYPES[dense.dtype], 1, 1, dense.numel(),
+                                         float(zero_tol), 0))
+            if not full:
+                row[1] = row[4] = 0.0
+            return row
     if x.dtype in _LOW_PRECISION:
         x = x.float()
     n = x.numel()
