@@ -22,12 +22,14 @@ the torch kernels above run.
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
+KERNELS: ModuleType | None
 try:
-    from lightning_bn import _kernels as KERNELS
+    import lightning_bn._kernels as KERNELS
 except ImportError:  # installed without a C compiler: the torch kernels do it
     KERNELS = None
 
