@@ -8,9 +8,11 @@
  * are plain sums of every value (a non-finite value makes its channel's sums non-finite, as torch's would).
  *
  * Eager torch needs 4-5 passes for these figures (aminmax, sum, dot, sign and a dot for the zeros) plus 2 for the
- * channel sums; this is one pass. float32 values are summed in 16 float lanes for at most BLOCK steps, then in
- * double: each float partial sum holds at most 16 * BLOCK / 16 = BLOCK terms. Counts are exact integers. If the
- * sum of squares comes out non-finite, a second, scalar pass recomputes the figures without the non-finite values.
+ * channel sums; this is one pass. float32 values are summed in 16 float lanes for at most BLOCK steps, then the
+ * two halves are added and moved to double: each float partial sum holds at most 2 * BLOCK = 32 values. Counts are
+ * exact integers. A row (a (lead, channel) row in channel mode, else the whole buffer) whose float sums overflow is
+ * summed again in double; if the sum of squares is still not finite, a non-finite value is present and a second,
+ * scalar pass recomputes the six figures without the non-finite values (the channel sums stay plain sums).
  * The GIL is released while it runs.
  */
 #define PY_SSIZE_T_CLEAN
@@ -134,6 +136,10 @@ CLONES static void summarize_f32(const float *x, int64_t lead, int64_t channels,
                 lo = v < lo ? v : lo;
                 hi = v > hi ? v : hi;
             }
+            if (!isfinite(rq) || !isfinite(rs)) { /* a float32 partial sum overflowed (or a value is not finite) */
+                rs = 0.0, rq = 0.0;
+                for (int64_t k = 0; k < len; k++) rs += p[k], rq += (double)p[k] * p[k];
+            }
             if (ch) ch[r % channels] += rs, ch[channels + r % channels] += rq;
             S += rs, Q += rq;
         }
@@ -245,7 +251,7 @@ static PyObject *summarize(PyObject *self, PyObject *args) {
         summarize_f64((const double *)(uintptr_t)address, lead, channels, trail, tol, ch, &s);
     Py_END_ALLOW_THREADS
     const int64_t n = lead * channels * trail, count = n - s.nonfinite;
-    double abs_max = count > 0 ? (-s.lo > s.hi ? -s.lo : s.hi) : 0.0;
+    double abs_max = count > 0 ? (-s.lo > s.hi ? -s.lo : s.hi) + 0.0 : 0.0; /* + 0.0: -0.0 becomes 0.0 */
     return Py_BuildValue("(dddddd)", (double)count, s.sum, s.sum_sq, abs_max, (double)s.zeros, (double)s.nonfinite);
 }
 

@@ -191,6 +191,46 @@ def test_c_kernel_channel_summary_against_the_torch_definitions(shape: tuple, cd
         torch.testing.assert_close(sums, channel_moments(t.double(), 1)[1:], rtol=1e-6, atol=1e-6)
 
 
+def test_c_kernel_edge_cases_match_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_bn.stats._summary as summary_module
+    from lightning_bn.moments import channel_moments
+    from lightning_bn.stats._summary import channel_summary, summary_row
+
+    # float32 values whose float32 partial sums overflow: the channel sums are summed again in float64, finite
+    x = torch.ones(2, 3, 16)
+    x[0, 1, 0] = 1e20
+    y = torch.zeros(1, 1, 32)
+    y[0, 0, 0] = y[0, 0, 8] = 3e38
+    for t in (x, y):
+        row, sums = channel_summary(t, 1)
+        torch.testing.assert_close(sums, channel_moments(t.double(), 1)[1:], rtol=1e-12, atol=0)
+        torch.testing.assert_close(torch.tensor(row, dtype=torch.float64), tensor_summary(t, dtype=torch.float64))
+        assert math.isfinite(row[2]) and torch.isfinite(sums).all()
+    # a lazily negated view, -0.0, a tolerance that float32 rounds (0.1f <= 0.1 in float32, as torch compares)
+    neg = torch.tensor([1 + 2j, -3 - 1j]).conj().imag
+    assert neg.is_neg()
+    cases = [neg, torch.full((20,), -0.0), torch.tensor([0.1, -0.1, 0.2] * 7, dtype=torch.float32)]
+    with_kernel = [summary_row(t, 0.1) for t in cases]
+    assert math.copysign(1.0, with_kernel[1][3]) == 1.0  # abs_max of -0.0 values is +0.0
+    monkeypatch.setattr(summary_module, "KERNELS", None)
+    for got, t in zip(with_kernel, cases):
+        ref = summary_row(t, 0.1)
+        assert got == pytest.approx(ref, rel=1e-6, abs=0), (t, got, ref)
+        assert [got[k] for k in (0, 3, 4, 5)] == [ref[k] for k in (0, 3, 4, 5)]  # counts and maximum exact
+    assert with_kernel[2][4] == 14  # 0.1f and -0.1f are zeros at zero_tol 0.1, 0.2f is not
+
+
+def test_c_kernel_is_not_given_tensors_without_plain_storage() -> None:
+    # a __torch_dispatch__ wrapper subclass has no storage of its own (data_ptr 0): the torch path summarizes it
+    from torch.testing._internal.logging_tensor import LoggingTensor
+
+    from lightning_bn.stats._summary import _dense, summary_row
+
+    wrapped = LoggingTensor(torch.tensor([1.0, 0.0, -3.0]))
+    assert _dense(wrapped) is None
+    assert summary_row(wrapped) == [3.0, -2.0, 10.0, 3.0, 1.0, 0.0]
+
+
 def test_c_kernel_rejects_bad_arguments() -> None:
     from lightning_bn import _kernels
 

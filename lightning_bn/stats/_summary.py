@@ -49,10 +49,14 @@ def summary_backend() -> str:
 
 
 def _dense(x: Tensor) -> Tensor | None:
-    """``x`` as the C kernel reads it (on the CPU, float32 or float64, contiguous: half and bfloat16 are widened,
-    other layouts copied), or None when the kernel cannot take it."""
-    if KERNELS is None or x.device.type != "cpu" or x.is_complex() or x.is_sparse:
+    """``x`` as the C kernel reads it (a plain strided CPU tensor, float32 or float64, contiguous: half and bfloat16
+    are widened, other layouts copied), or None when the kernel cannot take it. ``zero_tol`` is compared in the
+    tensor's dtype, as torch's ``x.abs() <= zero_tol`` does."""
+    # plain strided tensors only: a wrapper subclass (e.g. one with __torch_dispatch__) may have no storage to read
+    if KERNELS is None or type(x) is not Tensor or x.layout != torch.strided or x.device.type != "cpu":
         return None
+    if x.is_neg():  # a lazily negated view: the memory holds -x
+        x = x.resolve_neg()
     if x.dtype in _LOW_PRECISION:
         x = x.float()
     if x.dtype not in _KERNEL_DTYPES:
