@@ -15,7 +15,7 @@ of squares, which is finite exactly when every value is finite (or falls back to
 On the CPU all of that is one pass: the C extension ``lightning_bn._kernels`` (built with the package when a C
 compiler is there, see ``setup.py``) computes the six figures of a dense float32 or float64 tensor, and the
 per-channel sums and sums of squares a batch norm needs, in one read of the tensor (float32 summed in float lanes
-of at most 16 terms, then in float64; counts exact). :func:`summary_backend` says whether it is in use; without it
+of at most 32 values, then in float64; counts exact). :func:`summary_backend` says whether it is in use; without it
 the torch kernels above run.
 """
 
