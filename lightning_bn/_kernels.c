@@ -71,6 +71,42 @@ typedef struct {
         (s)->sum = S, (s)->sum_sq = Q, (s)->lo = lo, (s)->hi = hi, (s)->zeros = z, (s)->nonfinite = nf;    \
     } while (0)
 
+/* The vector lanes' zero counts, minima and maxima folded into the scalar ones. */
+#define FOLD_LANES(lanes, vz, vlo, vhi, zeros, lo, hi)                                                        \
+    for (int k = 0; k < (lanes); k++) {                                                                    \
+        (zeros) += (vz)[k];                                                                                \
+        (lo) = (vlo)[k] < (lo) ? (vlo)[k] : (lo);                                                          \
+        (hi) = (vhi)[k] > (hi) ? (vhi)[k] : (hi);                                                          \
+    }
+
+/* The result: the one pass's figures if the sum of squares is finite, else the careful pass's. */
+#define FINISH(T, x, n, tol, S, Q, lo, hi, zeros, out)                                                        \
+    do {                                                                                                   \
+        if (isfinite(Q)) {                                                                                 \
+            (out)->sum = (S), (out)->sum_sq = (Q), (out)->lo = (lo), (out)->hi = (hi);                     \
+            (out)->zeros = (zeros), (out)->nonfinite = 0;                                                  \
+        } else {                                                                                           \
+            CAREFUL_PASS(T, x, n, tol, out);                                                               \
+        }                                                                                                  \
+    } while (0)
+
+/* Channels innermost, (lead, channels) rows (trail == 1): per-channel sums in double, scalar (a rare layout here).
+ * |v| <= tol is compared in double, which gives the float32 comparison's answer for float32 v and tol. */
+#define CHANNELS_INNERMOST(x, lead, channels, tol, ch, S, Q, zeros, lo, hi)                                  \
+    do {                                                                                                   \
+        for (int64_t r = 0; r < (lead); r++) {                                                             \
+            for (int64_t c = 0; c < (channels); c++) {                                                     \
+                double v = (x)[r * (channels) + c];                                                        \
+                (ch)[c] += v;                                                                              \
+                (ch)[(channels) + c] += v * v;                                                             \
+                (zeros) += fabs(v) <= (double)(tol);                                                       \
+                (lo) = v < (lo) ? v : (lo);                                                                \
+                (hi) = v > (hi) ? v : (hi);                                                                \
+            }                                                                                              \
+        }                                                                                                  \
+        for (int64_t c = 0; c < (channels); c++) (S) += (ch)[c], (Q) += (ch)[(channels) + c];              \
+    } while (0)
+
 CLONES static void summarize_f32(const float *x, int64_t lead, int64_t channels, int64_t trail, float tol,
                                  double *ch, Summary *out) {
     const int64_t rows = lead * channels, n = rows * trail;
@@ -81,19 +117,8 @@ CLONES static void summarize_f32(const float *x, int64_t lead, int64_t channels,
     float lo = INFINITY, hi = -INFINITY;
     int64_t zeros = 0, steps = 0;
     if (ch) memset(ch, 0, 2 * (size_t)channels * sizeof(double));
-    if (ch && trail == 1) { /* channels innermost: (lead, channels) */
-        for (int64_t r = 0; r < lead; r++) {
-            const float *p = x + r * channels;
-            for (int64_t c = 0; c < channels; c++) {
-                float v = p[c];
-                ch[c] += v;
-                ch[channels + c] += (double)v * v;
-                zeros += fabsf(v) <= tol;
-                lo = v < lo ? v : lo;
-                hi = v > hi ? v : hi;
-            }
-        }
-        for (int64_t c = 0; c < channels; c++) S += ch[c], Q += ch[channels + c];
+    if (ch && trail == 1) {
+        CHANNELS_INNERMOST(x, lead, channels, tol, ch, S, Q, zeros, lo, hi);
     } else {
         const int64_t len = ch ? trail : n, count = ch ? rows : (n > 0);
         for (int64_t r = 0; r < count; r++) {
@@ -143,17 +168,9 @@ CLONES static void summarize_f32(const float *x, int64_t lead, int64_t channels,
             if (ch) ch[r % channels] += rs, ch[channels + r % channels] += rq;
             S += rs, Q += rq;
         }
-        for (int k = 0; k < 8; k++) {
-            zeros += vz[k];
-            lo = vlo[k] < lo ? vlo[k] : lo;
-            hi = vhi[k] > hi ? vhi[k] : hi;
-        }
+        FOLD_LANES(8, vz, vlo, vhi, zeros, lo, hi);
     }
-    if (isfinite(Q)) {
-        out->sum = S, out->sum_sq = Q, out->lo = lo, out->hi = hi, out->zeros = zeros, out->nonfinite = 0;
-    } else {
-        CAREFUL_PASS(float, x, n, tol, out);
-    }
+    FINISH(float, x, n, tol, S, Q, lo, hi, zeros, out);
 }
 
 CLONES static void summarize_f64(const double *x, int64_t lead, int64_t channels, int64_t trail, double tol,
@@ -166,18 +183,7 @@ CLONES static void summarize_f64(const double *x, int64_t lead, int64_t channels
     int64_t zeros = 0;
     if (ch) memset(ch, 0, 2 * (size_t)channels * sizeof(double));
     if (ch && trail == 1) {
-        for (int64_t r = 0; r < lead; r++) {
-            const double *p = x + r * channels;
-            for (int64_t c = 0; c < channels; c++) {
-                double v = p[c];
-                ch[c] += v;
-                ch[channels + c] += v * v;
-                zeros += fabs(v) <= tol;
-                lo = v < lo ? v : lo;
-                hi = v > hi ? v : hi;
-            }
-        }
-        for (int64_t c = 0; c < channels; c++) S += ch[c], Q += ch[channels + c];
+        CHANNELS_INNERMOST(x, lead, channels, tol, ch, S, Q, zeros, lo, hi);
     } else {
         const int64_t len = ch ? trail : n, count = ch ? rows : (n > 0);
         for (int64_t r = 0; r < count; r++) {
@@ -208,17 +214,9 @@ CLONES static void summarize_f64(const double *x, int64_t lead, int64_t channels
             if (ch) ch[r % channels] += rs, ch[channels + r % channels] += rq;
             S += rs, Q += rq;
         }
-        for (int k = 0; k < 4; k++) {
-            zeros += vz[k];
-            lo = vlo[k] < lo ? vlo[k] : lo;
-            hi = vhi[k] > hi ? vhi[k] : hi;
-        }
+        FOLD_LANES(4, vz, vlo, vhi, zeros, lo, hi);
     }
-    if (isfinite(Q)) {
-        out->sum = S, out->sum_sq = Q, out->lo = lo, out->hi = hi, out->zeros = zeros, out->nonfinite = 0;
-    } else {
-        CAREFUL_PASS(double, x, n, tol, out);
-    }
+    FINISH(double, x, n, tol, S, Q, lo, hi, zeros, out);
 }
 
 static PyObject *summarize(PyObject *self, PyObject *args) {
