@@ -123,8 +123,8 @@ def logging_schedule(variant: str) -> tuple[int, int]:
     """``(every, phase)``: the variant does its logging work on the steps ``k`` with ``k % every == phase``.
 
     The monitor and the item hooks collect on steps 0, N, 2N, ...; ``wandb.watch(log_freq=N)`` logs on its Nth,
-    2Nth, ... forward call, i.e. steps N-1, 2N-1, ... (seen in the per-step times: +24-27 ms on exactly those CNN
-    steps). ``(1, 0)`` for variants without a schedule.
+    2Nth, ... forward call, i.e. steps N-1, 2N-1, ... (seen in the per-step times of a CNN run by hand: its
+    spikes fall on exactly those steps). ``(1, 0)`` for variants without a schedule.
     """
     spec = VARIANTS[variant]
     for key in ("monitor", "item"):
@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> None:
         "`step ms`: the median run; `x baseline` and `added`: medians over rounds of the run against the reference "
         "run of the same round (`baseline`, or `wandb-logger` for `wandb.watch`). For `/50` variants, measured "
         "inside each run (median over rounds): `logging steps`, the excess of the steps where the variant does its "
-        "logging work (steps 0, 50, 100 ...; `wandb.watch`: 49, 99, 149 ...) over the run's other steps, per step; "
+        "logging work (multiples of 50; `wandb.watch`: 49, 99, 149 ...; those inside the timed steps) over the "
+        "run's other steps, per step; "
         "`x own other steps`, the run's mean step over the mean of its other steps. "
         "`monitor/N`: LayerStatsMonitor every N steps (`+hist`: histograms too); `item-hooks/N`: per-layer "
         "`.item()` forward hooks (fastai ActivationStats style); `wandb.watch/N`: `log=\"all\", log_freq=N`, offline, "
