@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-BENCHMARKS = ["sync_bn", "recalibration", "overhead", "writing"]
+BENCHMARKS = ["sync_bn", "recalibration", "overhead", "summaries", "writing"]
 
 HEADER = """# Benchmarks
 

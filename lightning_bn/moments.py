@@ -17,7 +17,9 @@ Outside an initialized process group (or with one process) both return their inp
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -36,6 +38,18 @@ __all__ = [
     "summary_to_figures",
     "SUMMARY_FIELDS",
 ]
+
+# mean_var and summary_to_figures take torch tensors or numpy arrays (the monitor finishes its figures on the host)
+Array = TypeVar("Array", Tensor, np.ndarray)
+
+
+def _clamp_min(x: Array, low: float) -> Array:
+    return np.maximum(x, low) if isinstance(x, np.ndarray) else x.clamp_min(low)
+
+
+def _sqrt(x: Array) -> Array:
+    return np.sqrt(x) if isinstance(x, np.ndarray) else x.sqrt()
+
 
 # Row indices of a (3, C) channel-moments tensor.
 COUNT, SUM, SUM_SQ = 0, 1, 2
@@ -86,18 +100,18 @@ def channel_moments(x: Tensor, channel_dim: int = 1, dtype: torch.dtype | None =
     return torch.stack([count, view.sum(2).sum(0), (view * view).sum(2).sum(0)])
 
 
-def mean_var(moments: Tensor, unbiased: bool = False, eps_count: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Mean and variance from ``(3, ...)`` moments (count, sum, sum of squares).
+def mean_var(moments: Array, unbiased: bool = False, eps_count: float = 0.0) -> tuple[Array, Array]:
+    """Mean and variance from ``(3, ...)`` moments (count, sum, sum of squares): a tensor or a numpy array.
 
     The variance is the pooled one: ``(sum_sq - sum**2 / n) / n`` (``n - 1`` when ``unbiased``), which by the
     law of total variance includes the spread of the batch means. Channels with no data give 0 mean and 0
     variance (never NaN).
     """
     count, total, total_sq = moments[COUNT], moments[SUM], moments[SUM_SQ]
-    safe = count.clamp_min(1.0)
+    safe = _clamp_min(count, 1.0)
     mean = total / safe
-    sq_dev = (total_sq - total * mean).clamp_min(0.0)
-    denom = (count - 1.0).clamp_min(1.0) if unbiased else safe
+    sq_dev = _clamp_min(total_sq - total * mean, 0.0)
+    denom = _clamp_min(count - 1.0, 1.0) if unbiased else safe
     return mean, sq_dev / denom
 
 
@@ -182,17 +196,18 @@ def tensor_summary(x: Tensor, zero_tol: float = 0.0, dtype: torch.dtype = torch.
     )
 
 
-def summary_to_figures(summary: Tensor) -> dict[str, Tensor]:
-    """Turn reduced summaries ``(..., 6)`` into mean, std, RMS, absolute max and the two fractions."""
-    count, total, total_sq, abs_max, zeros, nonfinite = summary.unbind(-1)
-    safe = count.clamp_min(1.0)
+def summary_to_figures(summary: Array) -> dict[str, Array]:
+    """Turn reduced summaries ``(..., 6)`` (a tensor or a numpy array) into mean, std, RMS, absolute max and the
+    two fractions."""
+    count, total, total_sq, abs_max, zeros, nonfinite = (summary[..., k] for k in range(len(SUMMARY_FIELDS)))
+    safe = _clamp_min(count, 1.0)
     mean = total / safe
-    var = (total_sq / safe - mean * mean).clamp_min(0.0)
-    numel = (count + nonfinite).clamp_min(1.0)
+    var = _clamp_min(total_sq / safe - mean * mean, 0.0)
+    numel = _clamp_min(count + nonfinite, 1.0)
     return {
         "mean": mean,
-        "std": var.sqrt(),
-        "rms": (total_sq / safe).sqrt(),
+        "std": _sqrt(var),
+        "rms": _sqrt(total_sq / safe),
         "abs_max": abs_max,
         "frac_zero": zeros / numel,
         "frac_nonfinite": nonfinite / numel,

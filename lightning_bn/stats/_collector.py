@@ -31,7 +31,9 @@ from lightning_bn.moments import (
     SUMMARY_FIELDS,
     channel_moments,
     distributed_world_size,
+    mean_var,
     reduce_across_processes,
+    summary_to_figures,
 )
 from lightning_bn.stats._histogram import LogBins, bin_counts, histogram_edges, trim_histogram
 from lightning_bn.stats._select import has_batch_stats, is_norm
@@ -66,23 +68,6 @@ def _float_tensors(obj: Any) -> Iterator[Tensor]:
     elif isinstance(obj, dict):
         for item in obj.values():
             yield from _float_tensors(item)
-
-
-def _figures(table: np.ndarray) -> dict[str, list[float]]:
-    """:func:`lightning_bn.moments.summary_to_figures` of a host ``(rows, 6)`` table, in numpy, as lists."""
-    count, total, total_sq, abs_max, zeros, nonfinite = table.T
-    safe = np.maximum(count, 1.0)
-    mean = total / safe
-    mean_sq = total_sq / safe
-    numel = np.maximum(count + nonfinite, 1.0)
-    return {
-        "mean": mean.tolist(),
-        "std": np.sqrt(np.maximum(mean_sq - mean * mean, 0.0)).tolist(),
-        "rms": np.sqrt(mean_sq).tolist(),
-        "abs_max": abs_max.tolist(),
-        "frac_zero": (zeros / numel).tolist(),
-        "frac_nonfinite": (nonfinite / numel).tolist(),
-    }
 
 
 def _running(module: nn.Module) -> tuple[Tensor, Tensor]:
@@ -195,7 +180,7 @@ class LayerStatsCollector:
         self._recent: dict[int, tuple] = {}
         self._summaries: list[Tensor | list[float]] = []  # rows read back on the CPU are lists
         self._hist: dict[int, Tensor] = {}
-        # batch-norm layers: per forward (layer, float32 (2, C) channel sums and sums of squares, values per channel)
+        # batch-norm layers: per forward (layer, (2, C) channel sums and sums of squares, values per channel)
         self._bn_moments: list[tuple[int, Tensor, float]] = []
         self._bn_snapshot: Tensor | None = None  # running means, then running variances, of every layer, at attach
         self._order: list[int] = []
@@ -326,15 +311,12 @@ class LayerStatsCollector:
         if version is not None and cached is not None and cached[0]() is t and cached[1] == version:
             summary, entry = cached[2], cached
         else:
-            entry, sums, cdim, fused = None, None, None, None
+            entry, row, sums, cdim = None, None, None, None
             if producer is not None and producer in self._feeds_bn:
                 cdim, channels = self._feeds_bn[producer]
-                if cdim < t.dim() and t.shape[cdim] == channels:
-                    fused = channel_summary(t, cdim, self.zero_tol)  # one pass in C, where it is built
-                if fused is None:
-                    sums = self._channel_sums(t, cdim, channels)
-            if fused is not None:
-                summary, sums = fused
+                row, sums = self._channel_sums(t, cdim, channels, self.zero_tol)
+            if row is not None:
+                summary = row
             else:
                 totals = None if sums is None else sums.sum(1)
                 summary = summary_row(t, self.zero_tol, scratch=self._scratch(t), totals=totals)
@@ -358,20 +340,24 @@ class LayerStatsCollector:
     def _add_bn_moments(self, i: int, module: nn.Module, x: Tensor, sums: Tensor | None = None) -> None:
         channels = _running(module)[0].numel()
         if sums is None or sums.shape[-1] != channels:
-            sums = self._channel_sums(x, self._channel_dim(module, x), channels)
+            sums = self._channel_sums(x, self._channel_dim(module, x), channels)[1]
         if sums is not None:
             self._bn_moments.append((i, sums, x.numel() / sums.shape[-1]))
 
     @staticmethod
-    def _channel_sums(x: Tensor, cdim: int, channels: int) -> Tensor | None:
-        """Per-channel sums and sums of squares ``(2, C)`` of ``x`` (float32 at least); None if ``x`` has no
-        dimension ``cdim`` of ``channels`` entries."""
+    def _channel_sums(x: Tensor, cdim: int, channels: int, zero_tol: float = 0.0) -> tuple[list | None, Tensor | None]:
+        """``(summary row or None, per-channel sums and sums of squares (2, C) or None)`` of ``x``.
+
+        Through the C kernel (where it is built and takes ``x``) both in one pass, the sums in float64; else only the
+        sums, from ``channel_moments`` (float32 at least). ``(None, None)`` if ``x`` has no dimension ``cdim`` of
+        ``channels`` entries.
+        """
         if x.dim() < 2 or cdim >= x.dim() or x.shape[cdim] != channels:
-            return None
-        fused = channel_summary(x, cdim)  # float64 sums in one C pass, where it is built
+            return None, None
+        fused = channel_summary(x, cdim, zero_tol)
         if fused is not None:
-            return fused[1]
-        return channel_moments(x.detach(), cdim)[1:]  # float32 sums for float32 input, as the summaries
+            return fused
+        return None, channel_moments(x.detach(), cdim)[1:]
 
     # ------------------------------------------------------------------ parameters
     def record_params(self, params: Iterable[Tensor] | None = None, histograms: bool | None = None) -> None:
@@ -447,9 +433,7 @@ class LayerStatsCollector:
             spread = (np.add.reduceat(np.sqrt(rm_var) / np.sqrt(rv_mean + eps), starts) / n).tolist()
         else:  # one process: the running statistics do not spread
             spread = [0.0] * count
-        count_b, sum_b, sq_b = moments  # as moments.mean_var(unbiased=True), on the host
-        mu_b = sum_b / np.maximum(count_b, 1.0)
-        var_b = np.maximum(sq_b - sum_b * mu_b, 0.0) / np.maximum(count_b - 1.0, 1.0)
+        mu_b, var_b = mean_var(moments, unbiased=True)  # in numpy, on the host
         seen_safe = np.maximum(seen, 1.0)[layer]  # layers not seen are skipped below
         ref_mean, ref_var = snap_mean / seen_safe, snap_var / seen_safe
         mean_shift = (np.add.reduceat(np.abs(mu_b - ref_mean) / np.sqrt(ref_var + eps), starts) / n).tolist()
@@ -635,7 +619,7 @@ class LayerStatsCollector:
         table[grad_rows, SUMMARY_FIELDS.index("sum")] *= s
         table[grad_rows, SUMMARY_FIELDS.index("sum_sq")] *= s * s
         table[grad_rows, _ABS_MAX] *= abs(s)
-        figs = _figures(table)
+        figs = {k: v.tolist() for k, v in summary_to_figures(table).items()}  # in numpy, on the host
         seen_rows = (table[:, 0] + table[:, SUMMARY_FIELDS.index("nonfinite")] > 0).tolist()
         for row, row_keys in self._row_keys():
             if seen_rows[row]:

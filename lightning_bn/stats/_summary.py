@@ -4,11 +4,11 @@
 sums and the maximum); :func:`summarize` computes the same six numbers with fewer passes over the tensor and only
 floating-point kernels, because it runs on every watched activation and gradient of a logging step. The
 cross-process reduction is still :func:`lightning_bn.moments.reduce_across_processes`; per-channel sums of batch-norm
-inputs come from :func:`lightning_bn.moments.channel_moments`.
+inputs come from :func:`channel_summary` or :func:`lightning_bn.moments.channel_moments`.
 
-Why the passes look as they do (measured on CPU, one thread, a 131k-element float32 activation): a float reduction
-(``sum``, ``dot``, ``aminmax``) or an elementwise float op costs 10-40 us, while anything producing or reducing a
-boolean tensor (``x == 0``, ``isfinite``, ``count_nonzero``) costs 200-1200 us. So zeros are counted as the
+Why the passes look as they do (``python -m benchmarks.summaries``: CPU, one thread, a 131k-value float32
+activation): a float reduction (``sum``, ``dot``, ``aminmax``) or ``sign`` costs 12-22 us, while ``(x == 0).sum()``
+costs 157 us and ``count_nonzero`` 598 us. So zeros are counted as the
 non-zeros of ``sign(x)`` (a dot product of ``sign(x)`` with itself) and non-finite values are detected from the sum
 of squares, which is finite exactly when every value is finite (or falls back to the masked path when it overflows).
 
@@ -66,6 +66,18 @@ def _dense(x: Tensor) -> Tensor | None:
     return x.contiguous()
 
 
+def _kernel_row(
+    dense: Tensor, zero_tol: float, lead: int = 1, channels: int = 1, sums: Tensor | None = None
+) -> list[float]:
+    """The C kernel on a tensor from :func:`_dense`, read as ``(lead, channels, numel / (lead * channels))``;
+    with ``sums`` (a ``(2, channels)`` float64 tensor) it also writes the per-channel sums and sums of squares."""
+    assert KERNELS is not None
+    trail = dense.numel() // (lead * channels) if lead * channels else 0
+    address = 0 if sums is None else sums.data_ptr()
+    return list(KERNELS.summarize(dense.data_ptr(), _KERNEL_DTYPES[dense.dtype], lead, channels, trail,
+                                  float(zero_tol), address))
+
+
 def channel_summary(x: Tensor, channel_dim: int, zero_tol: float = 0.0) -> tuple[list[float], Tensor] | None:
     """The summary row of ``x`` and its per-channel ``(2, C)`` float64 sums and sums of squares, in one pass.
 
@@ -76,17 +88,12 @@ def channel_summary(x: Tensor, channel_dim: int, zero_tol: float = 0.0) -> tuple
         return None
     x = x.detach()
     dense = _dense(x)
-    if dense is None or KERNELS is None:
-        return None
     cdim = channel_dim % x.dim()
     channels = x.shape[cdim]
-    if channels == 0:
+    if dense is None or channels == 0:
         return None
-    lead, trail = math.prod(x.shape[:cdim]), math.prod(x.shape[cdim + 1 :])
     sums = torch.empty(2, channels, dtype=torch.float64)
-    row = KERNELS.summarize(dense.data_ptr(), _KERNEL_DTYPES[dense.dtype], lead, channels, trail, float(zero_tol),
-                            sums.data_ptr())
-    return list(row), sums
+    return _kernel_row(dense, zero_tol, math.prod(x.shape[:cdim]), channels, sums), sums
 
 
 def summarize(x: Tensor, zero_tol: float = 0.0, sync_free: bool | None = None, full: bool = True) -> Tensor:
@@ -127,8 +134,7 @@ def summary_row(
     if KERNELS is not None and x.device.type == "cpu" and sync_free is not True:
         dense = _dense(x)
         if dense is not None:  # one pass in C
-            row = list(KERNELS.summarize(dense.data_ptr(), _KERNEL_DTYPES[dense.dtype], 1, 1, dense.numel(),
-                                         float(zero_tol), 0))
+            row = _kernel_row(dense, zero_tol)
             if not full:
                 row[1] = row[4] = 0.0
             return row
