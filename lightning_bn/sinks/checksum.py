@@ -2,7 +2,7 @@
 
 Every record TensorBoard's ``EventFileWriter`` writes carries two masked CRC-32C checksums, computed by
 ``tensorboard.compat.tensorflow_stub.pywrap_tensorflow.masked_crc32c``: a Python loop over every byte, about 0.15 us a
-byte. The monitor's scalars of one step are one record of ~9 KB (260 tags on the example CNN), so logging every step
+byte. The monitor's scalars of one step are one record of ~10 KB (245 scalars on the example CNN), so logging every step
 costs 1.4 ms of checksum a step (``python -m benchmarks.writing``), in the writer thread but holding the GIL, so
 the training thread waits for it. ``google-crc32c`` computes the same checksum in C (about 1 us for the same record,
 same benchmark); :func:`fast_tensorboard_checksums` puts it in place of the pure
