@@ -7,11 +7,11 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint typecheck bench clean
+.PHONY: setup test demo lint typecheck bench wheel-smoke clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py lightning_bn/_kernels.c Makefile
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
@@ -26,6 +26,20 @@ typecheck: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q
+	$(MAKE) wheel-smoke
+
+# The wheel as a user gets it: built from the tree, installed into a fresh venv outside the repository (torch
+# first, as above), then a few training steps with the three callbacks from a directory outside the repository.
+wheel-smoke: $(STAMP)
+	rm -rf dist
+	$(PY) -m pip wheel --quiet --no-deps --wheel-dir dist .
+	ls dist/lightning_bn-*-py3-none-any.whl
+	set -e; smoke=$$(mktemp -d -t lightning-bn-wheel-XXXXXX); trap 'rm -rf "$$smoke"' EXIT; \
+	$(PYTHON) -m venv "$$smoke/venv"; \
+	"$$smoke/venv/bin/python" -m pip install --quiet "$(TORCH_SPEC)"; \
+	"$$smoke/venv/bin/python" -m pip install --quiet dist/lightning_bn-*-py3-none-any.whl; \
+	cp scripts/wheel_smoke.py "$$smoke/"; \
+	cd "$$smoke" && venv/bin/python wheel_smoke.py "$$smoke/logs"
 
 demo: $(STAMP)
 	$(PY) -m examples.demo
@@ -34,4 +48,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
 
 clean:
-	rm -rf $(VENV) lightning_logs wandb .pytest_cache .ruff_cache .mypy_cache demo_logs
+	rm -rf $(VENV) lightning_logs wandb .pytest_cache .ruff_cache .mypy_cache demo_logs dist build

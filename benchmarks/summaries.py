@@ -1,4 +1,4 @@
-"""What one tensor summary costs on the CPU: torch's eager reductions against the one-pass C kernel.
+"""What one tensor summary costs on the CPU: the monitor's torch reductions against the plain definitions.
 
     python -m benchmarks.summaries          # writes benchmarks/results/summaries.md
 
@@ -7,19 +7,19 @@ Side by side in one process, one thread, median of ``--repeats`` calls each, on 
 
 * single torch reductions: the float ones the torch path uses (sum, dot, aminmax, sign) against the boolean ones it
   avoids (``(x == 0).sum()``, ``count_nonzero``);
-* the six figures of ``lightning_bn.stats.summarize`` (``summary_row``) through the torch path and the C kernel;
+* the six figures of ``lightning_bn.stats.summarize`` (``summary_row``) against their definition,
+  ``lightning_bn.moments.tensor_summary`` (boolean masks for zeros and non-finite values);
 * the six figures and a batch norm's per-channel sums: ``channel_moments`` plus ``summary_row`` from their totals
-  (the torch path) against ``channel_summary`` (the C kernel, one pass).
+  against ``channel_moments`` plus a full ``summary_row``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,34 +29,21 @@ from benchmarks.writing import _median_ms
 RESULTS = Path(__file__).resolve().parent / "results" / "summaries.md"
 
 
-@contextlib.contextmanager
-def _torch_path() -> Iterator[None]:
-    """The summaries as they run where the C kernel is not built."""
-    import lightning_bn.stats._summary as summary_module
-
-    kernels, summary_module.KERNELS = summary_module.KERNELS, None
-    try:
-        yield
-    finally:
-        summary_module.KERNELS = kernels
-
-
 def _tables(label: str, shape: tuple[int, ...], repeats: int) -> list[str]:
-    from lightning_bn.moments import channel_moments
-    from lightning_bn.stats._summary import channel_summary, summary_row
+    from lightning_bn.moments import channel_moments, tensor_summary
+    from lightning_bn.stats._summary import summary_row
 
     x = torch.randn(shape).relu_()
     scratch = torch.empty(x.numel())
     flat = x.reshape(-1)
 
-    def torch_summary() -> object:
-        with _torch_path():
-            return summary_row(x, scratch=scratch)
+    def channels_shared() -> object:
+        sums = channel_moments(x, 1)[1:]
+        return summary_row(x, scratch=scratch, totals=sums.sum(1))
 
-    def torch_channels() -> object:
-        with _torch_path():
-            sums = channel_moments(x, 1)[1:]
-            return summary_row(x, scratch=scratch, totals=sums.sum(1))
+    def channels_apart() -> object:
+        channel_moments(x, 1)
+        return summary_row(x, scratch=scratch)
 
     sections: list[tuple[str, list[tuple[str, Callable[[], object]]]]] = [
         ("single torch reductions", [
@@ -68,12 +55,12 @@ def _tables(label: str, shape: tuple[int, ...], repeats: int) -> list[str]:
             ("torch.count_nonzero(x)", lambda: torch.count_nonzero(flat)),
         ]),
         ("the six figures", [
-            ("summary_row, torch path", torch_summary),
-            ("summary_row, C kernel", lambda: summary_row(x)),
+            ("summary_row", lambda: summary_row(x, scratch=scratch)),
+            ("moments.tensor_summary (the definition)", lambda: tensor_summary(x)),
         ]),
         ("the six figures and the per-channel sums", [
-            ("channel_moments + summary_row(totals=...), torch path", torch_channels),
-            ("channel_summary, C kernel", lambda: channel_summary(x, 1)),
+            ("channel_moments + summary_row(totals=...)", channels_shared),
+            ("channel_moments + summary_row", channels_apart),
         ]),
     ]
     lines = []
@@ -92,10 +79,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    from lightning_bn.stats import summary_backend
-
-    if summary_backend() != "c":
-        raise SystemExit("lightning_bn._kernels is not built: nothing to compare (pip install -e . with a C compiler)")
     torch.manual_seed(0)
     lines = []
     for label, shape in (("CNN activation", (64, 32, 8, 8)), ("transformer MLP activation", (32, 64, 512))):
@@ -106,8 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
         f"torch {torch.__version__}, 1 thread; Python {platform.python_version()}.\n\n"
         f"Command: `{command.strip()}`\n\nMedian of {args.repeats} calls per row, rows of a table side by side in "
-        "one process, float32 ReLU outputs. The torch path is what runs where `lightning_bn._kernels` is not built "
-        "(and, without the host reads, on an accelerator).\n\n" + "\n".join(lines)
+        "one process, float32 ReLU outputs.\n\n" + "\n".join(lines)
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -30,18 +30,6 @@ from tests.dist import run_distributed
 D = torch.float64
 
 
-@pytest.fixture(params=["c", "torch"])
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The summaries through the C kernel (built by ``pip install -e .``), then through the torch kernels that run
-    where it is not built."""
-    import lightning_bn.stats._summary as summary_module
-
-    if request.param == "torch":
-        monkeypatch.setattr(summary_module, "KERNELS", None)
-    assert summary_module.summary_backend() == request.param, "lightning_bn._kernels is not built"
-    return request.param
-
-
 def _hooks(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
@@ -114,7 +102,7 @@ def test_collector_rejects_bad_arguments() -> None:
 @pytest.mark.parametrize("zero_tol", [0.0, 0.5])
 @pytest.mark.parametrize("sync_free", [None, True])
 def test_fast_summaries_equal_the_moments_reference(
-    dtype: torch.dtype, zero_tol: float, sync_free: bool | None, backend: str
+    dtype: torch.dtype, zero_tol: float, sync_free: bool | None
 ) -> None:
     torch.manual_seed(0)
     x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
@@ -136,15 +124,15 @@ def test_fast_summaries_equal_the_moments_reference(
     assert summarize(x[:0], sync_free=sync_free).tolist() == [0.0] * 6
 
 
-def test_fast_summaries_overflowing_squares_and_large_counts(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+def test_fast_summaries_overflowing_squares_and_large_counts(monkeypatch: pytest.MonkeyPatch) -> None:
     # finite float32 values whose squares overflow float32: in torch's float32 accumulation the sum of squares is
-    # inf and the other figures stay exact; the C kernel finds the overflow and sums those squares in float64
+    # inf and the other figures stay exact
     x = torch.tensor([3e30, -1.0, 0.0, 2.0, float("nan")], dtype=torch.float32)
     for t in (x, x[:4]):
         got = summarize(t)
-        ref = tensor_summary(t, dtype=torch.float32 if backend == "torch" else torch.float64)
+        ref = tensor_summary(t, dtype=torch.float32)
         assert torch.equal(got, ref), (got, ref)
-        assert math.isfinite(got[2]) == (backend == "c")
+        assert not math.isfinite(got[2])
     # counts of 2**24 or more terms are summed in float64 (float32 would stop counting at 2**24)
     import lightning_bn.stats._summary as summary_module
 
@@ -155,97 +143,18 @@ def test_fast_summaries_overflowing_squares_and_large_counts(monkeypatch: pytest
             assert summarize(t, sync_free=sync_free).tolist() == tensor_summary(t, dtype=torch.float64).tolist()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
-@pytest.mark.parametrize(
-    "shape, cdim",
-    [((64, 32, 8, 8), 1), ((5, 3, 1000), 1), ((7, 3, 17), 1), ((40, 9), 1), ((6, 4, 11), -1), ((3, 2, 0), 1),
-     ((0, 4), 1), ((2, 3, 4, 5), 2)],
-)
-def test_c_kernel_channel_summary_against_the_torch_definitions(shape: tuple, cdim: int, dtype: torch.dtype) -> None:
-    # one C pass: the summary row and the per-channel sums and sums of squares, on rows shorter and longer than one
-    # vector block (16 * 16 values), channels innermost (cdim -1), with and without non-finite values
-    from lightning_bn.moments import channel_moments
-    from lightning_bn.stats._summary import channel_summary
-
-    torch.manual_seed(0)
-    x = torch.randn(*shape, dtype=torch.float64).relu_().to(dtype)
-    for zero_tol in (0.0, 0.25):
-        for bad in (False, True):
-            t = x.clone()
-            if bad and t.numel() > 2:
-                t.view(-1)[1], t.view(-1)[-1] = float("nan"), -float("inf")
-            got = channel_summary(t, cdim, zero_tol)
-            assert got is not None
-            row, sums = got
-            ref = tensor_summary(t.float() if dtype == torch.float16 else t, zero_tol, dtype=torch.float64)
-            tol = 1e-12 if dtype == torch.float64 else 1e-6
-            torch.testing.assert_close(torch.tensor(row, dtype=torch.float64), ref, rtol=tol, atol=tol)
-            assert row[0] == ref[0] and row[4] == ref[4] and row[5] == ref[5]  # counts exact
-            assert sums.dtype == torch.float64 and sums.shape == (2, shape[cdim])
-            ref_sums = channel_moments(t.double(), cdim)[1:]  # plain sums: a non-finite value spoils its channel
-            torch.testing.assert_close(sums, ref_sums, rtol=tol, atol=tol, equal_nan=True)
-    # any layout: a transposed (non-contiguous) view gives the figures of its own channels
-    if x.dim() >= 2 and x.numel() > 0:
-        t = x.transpose(0, -1)
-        row, sums = channel_summary(t, 1)
-        torch.testing.assert_close(sums, channel_moments(t.double(), 1)[1:], rtol=1e-6, atol=1e-6)
-
-
-def test_c_kernel_edge_cases_match_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightning_bn.stats._summary as summary_module
-    from lightning_bn.moments import channel_moments
-    from lightning_bn.stats._summary import channel_summary, summary_row
-
-    # float32 values whose float32 partial sums overflow: the channel sums are summed again in float64, finite
-    x = torch.ones(2, 3, 16)
-    x[0, 1, 0] = 1e20
-    y = torch.zeros(1, 1, 32)
-    y[0, 0, 0] = y[0, 0, 8] = 3e38
-    for t in (x, y):
-        row, sums = channel_summary(t, 1)
-        torch.testing.assert_close(sums, channel_moments(t.double(), 1)[1:], rtol=1e-12, atol=0)
-        torch.testing.assert_close(torch.tensor(row, dtype=torch.float64), tensor_summary(t, dtype=torch.float64))
-        assert math.isfinite(row[2]) and torch.isfinite(sums).all()
-    # a lazily negated view, -0.0, a tolerance that float32 rounds (0.1f <= 0.1 in float32, as torch compares)
-    neg = torch.tensor([1 + 2j, -3 - 1j]).conj().imag
-    assert neg.is_neg()
-    cases = [neg, torch.full((20,), -0.0), torch.tensor([0.1, -0.1, 0.2] * 7, dtype=torch.float32)]
-    with_kernel = [summary_row(t, 0.1) for t in cases]
-    assert math.copysign(1.0, with_kernel[1][3]) == 1.0  # abs_max of -0.0 values is +0.0
-    monkeypatch.setattr(summary_module, "KERNELS", None)
-    for got, t in zip(with_kernel, cases):
-        ref = summary_row(t, 0.1)
-        assert got == pytest.approx(ref, rel=1e-6, abs=0), (t, got, ref)
-        assert [got[k] for k in (0, 3, 4, 5)] == [ref[k] for k in (0, 3, 4, 5)]  # counts and maximum exact
-    assert with_kernel[2][4] == 14  # 0.1f and -0.1f are zeros at zero_tol 0.1, 0.2f is not
-
-
-def test_c_kernel_is_not_given_tensors_without_plain_storage() -> None:
-    # a __torch_dispatch__ wrapper subclass has no storage of its own (data_ptr 0): the torch path summarizes it
+def test_summaries_of_tensors_without_plain_storage() -> None:
+    # a __torch_dispatch__ wrapper subclass has no storage of its own (data_ptr 0): torch ops summarize it
     from torch.testing._internal.logging_tensor import LoggingTensor
 
-    from lightning_bn.stats._summary import _dense, summary_row
+    from lightning_bn.stats._summary import summary_row
 
     wrapped = LoggingTensor(torch.tensor([1.0, 0.0, -3.0]))
-    assert _dense(wrapped) is None
     assert summary_row(wrapped) == [3.0, -2.0, 10.0, 3.0, 1.0, 0.0]
 
 
-def test_c_kernel_rejects_bad_arguments() -> None:
-    from lightning_bn import _kernels
-
-    x = torch.zeros(4)
-    with pytest.raises(ValueError, match="`dtype` must be 0 .float32. or 1 .float64., got 2"):
-        _kernels.summarize(x.data_ptr(), 2, 1, 1, 4, 0.0, 0)
-    with pytest.raises(ValueError, match="got -1, 1, 4"):
-        _kernels.summarize(x.data_ptr(), 0, -1, 1, 4, 0.0, 0)
-    with pytest.raises(ValueError, match="`address` is 0"):
-        _kernels.summarize(0, 0, 1, 1, 4, 0.0, 0)
-    assert _kernels.summarize(x.data_ptr(), 0, 1, 1, 4, 0.0, 0) == (4.0, 0.0, 0.0, 0.0, 4.0, 0.0)
-
-
 @pytest.mark.parametrize("warm", [False, True], ids=["first-collection", "fused-channel-sums"])
-def test_every_figure_against_manual_computation(warm: bool, monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+def test_every_figure_against_manual_computation(warm: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     net = _net()
     x = torch.randn(6, 2, 4, 4, dtype=D)
     mods = select_modules(net)
@@ -263,20 +172,14 @@ def test_every_figure_against_manual_computation(warm: bool, monkeypatch: pytest
         assert collector._feeds_bn == {0: (1, 3)}
     import lightning_bn.stats._collector as collector_module
 
-    fused, rows = [], []
-    original_row, original_channel = collector_module.summary_row, collector_module.channel_summary
+    fused = []
+    original_row = collector_module.summary_row
 
     def counting_row(*args, **kwargs):
         fused.append(kwargs.get("totals") is not None)
         return original_row(*args, **kwargs)
 
-    def counting_channel(*args, **kwargs):
-        row = original_channel(*args, **kwargs)
-        rows.append(row is not None)
-        return row
-
     monkeypatch.setattr(collector_module, "summary_row", counting_row)
-    monkeypatch.setattr(collector_module, "channel_summary", counting_channel)
     before = _hooks(net)
     collector.attach()
     assert _hooks(net) == before + 3  # three forward hooks (batch-norm running stats are copied at attach)
@@ -303,10 +206,8 @@ def test_every_figure_against_manual_computation(warm: bool, monkeypatch: pytest
     assert _hooks(net) == before
     # conv, bn and fc outputs and their gradients; the bn input is the conv output, summarized once
     assert collector.summaries == 6
-    if backend == "torch":  # the conv output's summary from its channel sums
-        assert sum(fused) == (1 if warm else 0) and len(fused) == 6 and not any(rows)
-    else:  # the conv output's summary and channel sums in one C pass (first collection: the bn's channel sums)
-        assert not any(fused) and len(fused) == (5 if warm else 6) and rows == [True]
+    # the conv output's summary from its channel sums once it is known to feed the batch norm
+    assert sum(fused) == (1 if warm else 0) and len(fused) == 6
     stats = collector.finalize()
     s = stats.scalars
     assert stats.order == ["conv", "bn", "fc"]
@@ -345,7 +246,7 @@ def test_every_figure_against_manual_computation(warm: bool, monkeypatch: pytest
     assert find_alerts(stats) == {kind: [] for kind in ALERT_KINDS}
 
 
-def test_nonfinite_values_and_tuple_dict_outputs(backend: str) -> None:
+def test_nonfinite_values_and_tuple_dict_outputs() -> None:
     class Pair(nn.Module):
         def forward(self, x: torch.Tensor) -> tuple:
             return x * 2, {"copy": x.clone(), "index": torch.arange(3), "spectrum": torch.complex(x, x)}
@@ -380,7 +281,7 @@ def test_nonfinite_values_and_tuple_dict_outputs(backend: str) -> None:
     assert alerts["nonfinite"] == ["pair", "fc"] and alerts["std_collapse"] == []
 
 
-def test_micro_batches_equal_one_batch_and_hooks_fire_only_while_attached(backend: str) -> None:
+def test_micro_batches_equal_one_batch_and_hooks_fire_only_while_attached() -> None:
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 2)).to(D)
     x = torch.randn(8, 3, dtype=D)
@@ -571,7 +472,7 @@ def test_host_figures_match_the_torch_definitions() -> None:
         np.testing.assert_allclose(values, ref[key].numpy(), rtol=1e-12, atol=0, err_msg=key)
 
 
-def test_counts_of_2_pow_24_and_more_float32_values_are_exact(backend: str) -> None:
+def test_counts_of_2_pow_24_and_more_float32_values_are_exact() -> None:
     # float32 cannot hold 2**24 + 3: the counts are kept in float64 on every path
     n = 2**24 + 3
     x = torch.ones(n)

@@ -17,7 +17,7 @@ from lightning_bn.stats._collector import (
 )
 from lightning_bn.stats._histogram import LogBins, bin_counts, histogram_edges, trim_histogram
 from lightning_bn.stats._select import DEFAULT_WATCH_TYPES, NORM_TYPES, has_batch_stats, is_norm, select_modules
-from lightning_bn.stats._summary import summarize, summary_backend
+from lightning_bn.stats._summary import summarize
 
 __all__ = [
     "ACTIVATION_GRAD_STATS",
@@ -37,6 +37,5 @@ __all__ = [
     "is_norm",
     "select_modules",
     "summarize",
-    "summary_backend",
     "trim_histogram",
 ]

@@ -37,7 +37,7 @@ from lightning_bn.moments import (
 )
 from lightning_bn.stats._histogram import LogBins, bin_counts, histogram_edges, trim_histogram
 from lightning_bn.stats._select import has_batch_stats, is_norm
-from lightning_bn.stats._summary import channel_summary, summary_backend, summary_row
+from lightning_bn.stats._summary import summary_row
 
 __all__ = ["LayerStats", "LayerStatsCollector", "ACTIVATION_STATS", "ACTIVATION_GRAD_STATS", "in_backward_pass"]
 
@@ -240,7 +240,7 @@ class LayerStatsCollector:
 
     def _scratch(self, like: Tensor) -> Tensor | None:
         """A reusable 1-d buffer for ``like`` on the CPU (where a fresh large allocation costs page faults)."""
-        if like.device.type != "cpu" or summary_backend() == "c":  # the C kernel needs no buffer
+        if like.device.type != "cpu":
             return None
         # summary_row widens half and bfloat16 to float32 before it counts: the buffer has the widened dtype
         key = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
@@ -311,15 +311,12 @@ class LayerStatsCollector:
         if version is not None and cached is not None and cached[0]() is t and cached[1] == version:
             summary, entry = cached[2], cached
         else:
-            entry, row, sums, cdim = None, None, None, None
+            entry, sums, cdim = None, None, None
             if producer is not None and producer in self._feeds_bn:
                 cdim, channels = self._feeds_bn[producer]
-                row, sums = self._channel_sums(t, cdim, channels, self.zero_tol)
-            if row is not None:
-                summary = row
-            else:
-                totals = None if sums is None else sums.sum(1)
-                summary = summary_row(t, self.zero_tol, scratch=self._scratch(t), totals=totals)
+                sums = self._channel_sums(t, cdim, channels)
+            totals = None if sums is None else sums.sum(1)
+            summary = summary_row(t, self.zero_tol, scratch=self._scratch(t), totals=totals)
             self.summaries += 1
             if self._dev is None or self._dev.type == "cpu":  # an accelerator's, if any tensor is on one
                 self._dev = t.device
@@ -340,24 +337,17 @@ class LayerStatsCollector:
     def _add_bn_moments(self, i: int, module: nn.Module, x: Tensor, sums: Tensor | None = None) -> None:
         channels = _running(module)[0].numel()
         if sums is None or sums.shape[-1] != channels:
-            sums = self._channel_sums(x, self._channel_dim(module, x), channels)[1]
+            sums = self._channel_sums(x, self._channel_dim(module, x), channels)
         if sums is not None:
             self._bn_moments.append((i, sums, x.numel() / sums.shape[-1]))
 
     @staticmethod
-    def _channel_sums(x: Tensor, cdim: int, channels: int, zero_tol: float = 0.0) -> tuple[list | None, Tensor | None]:
-        """``(summary row or None, per-channel sums and sums of squares (2, C) or None)`` of ``x``.
-
-        Through the C kernel (where it is built and takes ``x``) both in one pass, the sums in float64; else only the
-        sums, from ``channel_moments`` (float32 at least). ``(None, None)`` if ``x`` has no dimension ``cdim`` of
-        ``channels`` entries.
-        """
+    def _channel_sums(x: Tensor, cdim: int, channels: int) -> Tensor | None:
+        """Per-channel sums and sums of squares ``(2, C)`` of ``x`` from ``channel_moments`` (float32 at least), or
+        None if ``x`` has no dimension ``cdim`` of ``channels`` entries."""
         if x.dim() < 2 or cdim >= x.dim() or x.shape[cdim] != channels:
-            return None, None
-        fused = channel_summary(x, cdim, zero_tol)
-        if fused is not None:
-            return fused
-        return None, channel_moments(x.detach(), cdim)[1:]
+            return None
+        return channel_moments(x.detach(), cdim)[1:]
 
     # ------------------------------------------------------------------ parameters
     def record_params(self, params: Iterable[Tensor] | None = None, histograms: bool | None = None) -> None:

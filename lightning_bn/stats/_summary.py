@@ -4,96 +4,26 @@
 sums and the maximum); :func:`summarize` computes the same six numbers with fewer passes over the tensor and only
 floating-point kernels, because it runs on every watched activation and gradient of a logging step. The
 cross-process reduction is still :func:`lightning_bn.moments.reduce_across_processes`; per-channel sums of batch-norm
-inputs come from :func:`channel_summary` or :func:`lightning_bn.moments.channel_moments`.
+inputs come from :func:`lightning_bn.moments.channel_moments`.
 
-Why the passes look as they do (``python -m benchmarks.summaries``: CPU, one thread, a 131k-value float32
-activation): a float reduction (``sum``, ``dot``, ``aminmax``) or ``sign`` costs 12-22 us, while ``(x == 0).sum()``
-costs 157 us and ``count_nonzero`` 598 us. So zeros are counted as the
-non-zeros of ``sign(x)`` (a dot product of ``sign(x)`` with itself) and non-finite values are detected from the sum
-of squares, which is finite exactly when every value is finite (or falls back to the masked path when it overflows).
-
-On the CPU all of that is one pass: the C extension ``lightning_bn._kernels`` (built with the package when a C
-compiler is there, see ``setup.py``) computes the six figures of a dense float32 or float64 tensor, and the
-per-channel sums and sums of squares a batch norm needs, in one read of the tensor (float32 summed in float lanes
-of at most 32 values, then in float64; counts exact). :func:`summary_backend` says whether it is in use; without it
-the torch kernels above run.
+Why the passes look as they do: on the CPU a boolean reduction (``(x == 0).sum()``, ``count_nonzero``) costs many
+times a float reduction (``python -m benchmarks.summaries`` measures both). So zeros are counted as the non-zeros
+of ``sign(x)`` (a dot product of ``sign(x)`` with itself) and non-finite values are detected from the sum of
+squares, which is finite exactly when every value is finite (or falls back to the masked path when it overflows).
 """
 
 from __future__ import annotations
 
 import math
-from types import ModuleType
 
 import torch
 from torch import Tensor
 
-KERNELS: ModuleType | None
-try:
-    import lightning_bn._kernels as KERNELS
-except ImportError:  # installed without a C compiler: the torch kernels do it
-    KERNELS = None
-
-__all__ = ["summarize", "summary_row", "summary_backend", "channel_summary"]
+__all__ = ["summarize", "summary_row"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Sums of 0/1 indicators are exact in float32 below 2**24 terms, whatever the summation order.
 _EXACT_FLOAT32_COUNT = 2**24
-
-
-_KERNEL_DTYPES = {torch.float32: 0, torch.float64: 1}
-
-
-def summary_backend() -> str:
-    """``"c"`` when CPU summaries run in the one-pass C kernel (``lightning_bn._kernels``), else ``"torch"``."""
-    return "c" if KERNELS is not None else "torch"
-
-
-def _dense(x: Tensor) -> Tensor | None:
-    """``x`` as the C kernel reads it (a plain strided CPU tensor, float32 or float64, contiguous: half and bfloat16
-    are widened, other layouts copied), or None when the kernel cannot take it. ``zero_tol`` is compared in the
-    tensor's dtype, as torch's ``x.abs() <= zero_tol`` does."""
-    # plain strided tensors only: a wrapper subclass (e.g. one with __torch_dispatch__) may have no storage to read
-    if KERNELS is None or type(x) is not Tensor or x.layout != torch.strided or x.device.type != "cpu":
-        return None
-    if x.is_neg():  # a lazily negated view: the memory holds -x
-        x = x.resolve_neg()
-    if x.dtype in _LOW_PRECISION:
-        x = x.float()
-    if x.dtype not in _KERNEL_DTYPES:
-        return None
-    if x.is_contiguous():
-        return x
-    return x.contiguous()
-
-
-def _kernel_row(
-    dense: Tensor, zero_tol: float, lead: int = 1, channels: int = 1, sums: Tensor | None = None
-) -> list[float]:
-    """The C kernel on a tensor from :func:`_dense`, read as ``(lead, channels, numel / (lead * channels))``;
-    with ``sums`` (a ``(2, channels)`` float64 tensor) it also writes the per-channel sums and sums of squares."""
-    assert KERNELS is not None
-    trail = dense.numel() // (lead * channels) if lead * channels else 0
-    address = 0 if sums is None else sums.data_ptr()
-    return list(KERNELS.summarize(dense.data_ptr(), _KERNEL_DTYPES[dense.dtype], lead, channels, trail,
-                                  float(zero_tol), address))
-
-
-def channel_summary(x: Tensor, channel_dim: int, zero_tol: float = 0.0) -> tuple[list[float], Tensor] | None:
-    """The summary row of ``x`` and its per-channel ``(2, C)`` float64 sums and sums of squares, in one pass.
-
-    Only through the C kernel (None when it is not built, or ``x`` is not on the CPU, or not float): the caller then
-    computes the two with :func:`lightning_bn.moments.channel_moments` and :func:`summary_row`.
-    """
-    if x.dim() < 2:
-        return None
-    x = x.detach()
-    dense = _dense(x)
-    cdim = channel_dim % x.dim()
-    channels = x.shape[cdim]
-    if dense is None or channels == 0:
-        return None
-    sums = torch.empty(2, channels, dtype=torch.float64)
-    return _kernel_row(dense, zero_tol, math.prod(x.shape[:cdim]), channels, sums), sums
 
 
 def summarize(x: Tensor, zero_tol: float = 0.0, sync_free: bool | None = None, full: bool = True) -> Tensor:
@@ -131,13 +61,6 @@ def summary_row(
     summary accumulates in; the host-read path then skips those two passes.
     """
     x = x.detach()
-    if KERNELS is not None and x.device.type == "cpu" and sync_free is not True:
-        dense = _dense(x)
-        if dense is not None:  # one pass in C
-            row = _kernel_row(dense, zero_tol)
-            if not full:
-                row[1] = row[4] = 0.0
-            return row
     if x.dtype in _LOW_PRECISION:
         x = x.float()
     n = x.numel()
