@@ -1,17 +1,25 @@
-"""The study command: the smoke-sized run writes the report with its tables and PNGs; the helpers compute right."""
+"""The study command: the smoke-sized run writes the report with its tables and PNGs; the helpers compute right;
+importing the package, the study or the examples changes no process-wide state."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
+import matplotlib
 import pytest
 import torch
 
 from examples.cnn import CNN
-from lightning_bn.study import SIZES, main, run_study
-from lightning_bn.study._parts import _bn_shift, fmt, mean_std, steps_to, table
-from lightning_bn.study._train import set_bn_option
+from study import SIZES, main, run_study
+from study._parts import _bn_shift, fmt, mean_std, steps_to, table
+from study._train import set_bn_option
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PNGS = ("study_lr.png", "study_batch_size.png", "study_moving_average.png", "study_landscape.png",
         "study_transformer.png")
@@ -29,14 +37,18 @@ def _table_after(text: str, header_start: str) -> list[list[str]]:
 
 
 def test_smoke_study_writes_report_tables_and_pngs(tmp_path: Path) -> None:
-    threads = torch.get_num_threads()
+    threads, filters = torch.get_num_threads(), list(warnings.filters)
+    backend = dict.__getitem__(matplotlib.rcParams, "backend")  # unresolved: reading it must not pick one
     try:
         report = main(["--smoke", "--out", str(tmp_path), "--threads", "1"])
     finally:
         torch.set_num_threads(threads)
+    # the runs' warning filters and thread count were scoped to the run; the figures used no global backend
+    assert warnings.filters == filters and torch.get_num_threads() == threads
+    assert dict.__getitem__(matplotlib.rcParams, "backend") == backend
     assert report == tmp_path / "study.md"
     text = report.read_text()
-    assert f"`python -m lightning_bn.study --smoke --out {tmp_path} --threads 1`" in text
+    assert f"`python -m study --smoke --out {tmp_path} --threads 1`" in text
     for title in ("## 1. Learning rate and speed", "## 2. Batch size", "## 3. Moving-average vs population",
                   "## 4. Loss landscape", "## 5. Transformers"):
         assert title in text
@@ -98,3 +110,63 @@ def test_helpers() -> None:
     model = CNN(norm="ghost_batch", width=4)
     assert set_bn_option(model, virtual_batch_size=3) == 6
     assert all(m.virtual_batch_size == 3 for m in model.modules() if hasattr(m, "virtual_batch_size"))
+
+
+IMPORT_EVERYTHING = """
+import ast, importlib, pkgutil, sys, warnings
+from pathlib import Path
+
+import matplotlib
+
+OURS = ("lightning_bn", "study", "examples")
+# First the third-party modules that our sources import: the filters those add when imported are theirs.
+deps = set()
+for top in OURS:
+    for path in Path(top).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                deps.add(node.module)
+for name in sorted(d for d in deps if d.split(".")[0] not in OURS):
+    try:
+        importlib.import_module(name)
+    except ImportError:  # an optional dependency that is not installed
+        pass
+filters, backend = list(warnings.filters), dict.__getitem__(matplotlib.rcParams, "backend")
+imported = []
+for top in OURS:
+    package = importlib.import_module(top)
+    imported.append(top)
+    for info in pkgutil.walk_packages(package.__path__, top + "."):
+        importlib.import_module(info.name)
+        imported.append(info.name)
+assert warnings.filters == filters, [f for f in warnings.filters if f not in filters]
+assert dict.__getitem__(matplotlib.rcParams, "backend") == backend == "svg", matplotlib.rcParams["backend"]
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+print(" ".join(imported))
+"""
+
+
+def test_imports_change_no_warning_filters_nor_matplotlib_backend() -> None:
+    """A clean interpreter imports ``lightning_bn`` with every subpackage and module, ``study`` and ``examples``: the
+    warning filters and matplotlib's backend (a non-default one, ``svg``, set by the user) are as they were."""
+    env = {**os.environ, "MPLBACKEND": "svg"}
+    proc = subprocess.run([sys.executable, "-c", IMPORT_EVERYTHING], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = proc.stdout.split()
+    for name in ("lightning_bn", "lightning_bn.callbacks.loss_landscape", "lightning_bn.sinks.heatmap", "study",
+                 "study._parts", "study._train", "study.__main__", "examples.cnn", "examples.demo"):
+        assert name in imported
+
+
+def test_study_is_not_part_of_the_installed_package() -> None:
+    """The wheel holds ``lightning_bn*`` only; the study, beside ``examples/``, is run from the repository root."""
+    import lightning_bn
+
+    assert not (Path(lightning_bn.__file__).parent / "study").exists()
+    proc = subprocess.run([sys.executable, "-m", "study", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "usage: python -m study" in proc.stdout and "--quick" in proc.stdout

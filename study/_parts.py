@@ -15,9 +15,11 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from examples import cnn as cnn_example
+from examples import transformer as tf_example
 from lightning_bn.callbacks import LayerStatsMonitor, LossLandscapeProbe
-from lightning_bn.study._config import StudyConfig
-from lightning_bn.study._train import EvalBothStats, RunResult, _examples, set_bn_option, train_cnn, train_transformer
+from study._config import StudyConfig
+from study._train import EvalBothStats, RunResult, set_bn_option, train_cnn, train_transformer
 
 __all__ = ["Section", "PARTS"]
 
@@ -63,21 +65,20 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def plt_figure(ncols: int = 1, width: float = 5.0, height: float = 3.6) -> tuple[Any, Any]:
-    import matplotlib
+    """A figure of ``ncols`` axes side by side, on its own Agg canvas: matplotlib's object API, so neither the
+    user's backend nor pyplot's figures are touched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    fig = Figure(figsize=(width * ncols, height))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=False)
     return fig, axes[0]
 
 
 def save(fig: Any, out: Path, name: str, section: Section, caption: str) -> None:
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     fig.savefig(out / name, dpi=90)
-    plt.close(fig)
     section.figures.append((name, caption))
 
 
@@ -270,17 +271,17 @@ def part_batch_size(cfg: StudyConfig, out: Path, log: Log) -> Section:
 def part_moving_average(cfg: StudyConfig, out: Path, log: Log) -> Section:
     sec = Section("3. Moving-average vs population statistics (Wu & Johnson, 2021)")
     rows_by: dict[float, list[list[dict[str, float]]]] = {}
-    cnn, _ = _examples()
-    split = cnn.DigitsDataModule(batch_size=cfg.ma_batch)  # the same split train_cnn uses (seed 0)
+    split = cnn_example.DigitsDataModule(batch_size=cfg.ma_batch)  # the same split train_cnn uses (seed 0)
     split.setup("fit")
     assert split.train_set is not None and split.val_set is not None
+    train_x, (val_x, val_y) = split.train_set.tensors[0], split.val_set.tensors
     for momentum in cfg.momenta:
         for seed in range(cfg.seeds):
 
             def configure(model: nn.Module, steps: int, momentum: float = momentum) -> None:
                 set_bn_option(model, momentum=momentum)
 
-            ev = EvalBothStats(split.train_set.tensors[0], *split.val_set.tensors)
+            ev = EvalBothStats(train_x, val_x, val_y)
             r = train_cnn("batch", seed=seed, lr=cfg.ma_lr, batch_size=cfg.ma_batch, epochs=cfg.ma_epochs,
                           width=cfg.width, limit_train_batches=cfg.limit_train_batches, callbacks=[ev],
                           configure=configure, validate=False)
@@ -476,8 +477,6 @@ def _monitor(every: int) -> LayerStatsMonitor:
 
 def part_transformer(cfg: StudyConfig, out: Path, log: Log) -> Section:
     sec = Section("5. Transformers (Shen et al., 2020)")
-    _, tf = _examples()
-
     bpc: dict[str, list[float]] = {}
     curves: dict[str, list[list[tuple[int, float]]]] = {}
     shifts: dict[str, dict[str, list[float]]] = {"transformer": {}, "cnn": {}}
@@ -508,7 +507,7 @@ def part_transformer(cfg: StudyConfig, out: Path, log: Log) -> Section:
             if seed == 0:
                 shift_curves[f"cnn {stat}"] = curve
         log(f"  part 5 cnn batch seed={seed}: acc={r.final:.3f} ({r.seconds:.1f}s)")
-    unigram = tf.unigram_entropy_bits()
+    unigram = tf_example.unigram_entropy_bits()
     sec.add(
         "**Paper.** In transformers for NLP, batch norm does clearly worse than layer norm, and the batch statistics "
         "fluctuate much more around the running statistics than in vision networks (large deviations of the batch "

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,30 +18,32 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from typing_extensions import override
 
+from examples import cnn as cnn_example
+from examples import transformer as tf_example
 from lightning_bn.recalibrate import recalibrate_bn
 
 __all__ = ["CurveRecorder", "EvalBothStats", "RunResult", "quiet", "set_bn_option", "train_cnn", "train_transformer"]
 
 
-def _examples() -> Any:
-    try:
-        import examples.cnn as cnn
-        import examples.transformer as transformer
-    except ImportError as err:  # the examples live next to the package in the repository, not in the wheel
-        raise ImportError(
-            "lightning_bn.study trains the repository's examples (examples/cnn.py, examples/transformer.py); run it "
-            f"from the repository root: `python -m lightning_bn.study` ({err})"
-        ) from None
-    return cnn, transformer
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Within the block: Lightning's per-run banners and the warnings that every short run repeats are silenced.
 
-
-def quiet() -> None:
-    """Silence Lightning's per-run banners and the warnings that every short run repeats."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    The warning filters and logger levels are those of before once the block ends: importing or running the study
+    changes no process-wide state.
+    """
+    names = ("lightning.pytorch", "lightning.fabric", "lightning")
+    levels = {name: logging.getLogger(name).level for name in names}
+    with warnings.catch_warnings():
+        for category in (UserWarning, DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category)
+        for name in names:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
 
 
 @dataclass
@@ -146,10 +149,9 @@ def train_cnn(
 
     ``configure(model, steps_per_epoch)`` may change the model's layers before training (momentum, warm-up ...).
     """
-    cnn, _ = _examples()
     L.seed_everything(seed, verbose=False)
-    data = cnn.DigitsDataModule(batch_size=batch_size)
-    model = cnn.CNN(norm=norm, width=width, lr=lr)
+    data = cnn_example.DigitsDataModule(batch_size=batch_size)
+    model = cnn_example.CNN(norm=norm, width=width, lr=lr)
     data.setup("fit")
     assert data.train_set is not None
     steps_per_epoch = len(data.train_set) // batch_size
@@ -192,12 +194,11 @@ def train_transformer(
     callbacks: Sequence[Callback] = (),
 ) -> RunResult:
     """Train ``examples.transformer.CharTransformer(norm=norm)`` for ``steps`` steps; validation bits per character."""
-    _, tf = _examples()
     L.seed_everything(seed, verbose=False)
-    data = tf.PydocTextDataModule(block_size=block_size, batch_size=batch_size, samples_per_epoch=steps * batch_size,
-                                  seed=seed)
-    model = tf.CharTransformer(norm=norm, vocab_size=data.vocab_size, block_size=block_size, n_layer=n_layer,
-                               n_head=n_head, n_embd=n_embd, lr=lr, warmup_steps=max(1, steps // 10))
+    data = tf_example.PydocTextDataModule(block_size=block_size, batch_size=batch_size,
+                                          samples_per_epoch=steps * batch_size, seed=seed)
+    model = tf_example.CharTransformer(norm=norm, vocab_size=data.vocab_size, block_size=block_size, n_layer=n_layer,
+                                       n_head=n_head, n_embd=n_embd, lr=lr, warmup_steps=max(1, steps // 10))
     recorder = CurveRecorder("val/bpc")
     trainer = _trainer([*callbacks, recorder], max_epochs=1, max_steps=steps, limit_val_batches=val_batches,
                        val_check_interval=max(1, steps // 4))

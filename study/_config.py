@@ -1,4 +1,4 @@
-"""Sizes of the study: ``full`` (the committed report), ``quick`` (CI, ~3 min) and ``smoke`` (the test)."""
+"""Sizes of the study: ``full`` (the committed report), ``quick`` (CI, about a minute) and ``smoke`` (the test)."""
 
 from __future__ import annotations
 
