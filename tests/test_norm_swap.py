@@ -1,8 +1,12 @@
 import logging
+import pickle
+import re
 
 import lightning as L
 import pytest
 import torch
+from lightning.fabric.utilities.data import AttributeDict as FabricAttributeDict
+from lightning.pytorch.utilities.parsing import AttributeDict
 from torch import nn
 
 from examples.cnn import CNN, DigitsDataModule
@@ -63,7 +67,7 @@ def test_resume_and_rebuild_from_checkpoint(tmp_path) -> None:
     t = trainer(tmp_path, [NormSwap(to="ghost_batch", virtual_batch_size=8)], max_steps=4)
     t.fit(model, dm)
     ckpt_path = t.checkpoint_callback.best_model_path
-    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt = torch.load(ckpt_path, weights_only=True)  # what the Trainer writes needs no pickled class
     assert any(k.startswith("NormSwap{") for k in ckpt["callbacks"])
 
     # Outside the Trainer: rebuilt with the swap and the trained weights.
@@ -125,3 +129,85 @@ def test_bad_arguments() -> None:
         NormSwap(to="group", insert="yes")
     with pytest.raises(ValueError, match="holds no NormSwap settings"):
         NormSwap.apply_from_checkpoint(nn.Linear(1, 1), {"callbacks": {}})
+
+
+def swapped_checkpoint(hyper_parameters: dict, **extra) -> tuple[CNN, dict]:
+    """A small swapped CNN and the checkpoint dict a Trainer would write for it (weights, settings, hparams)."""
+    torch.manual_seed(0)
+    model = CNN(norm="batch", width=8)
+    swap = NormSwap(to="group", num_groups=4, verbose=False)
+    swap.apply(model)
+    ckpt = {"state_dict": model.state_dict(), "hyper_parameters": hyper_parameters,
+            "callbacks": {swap.state_key: swap.state_dict()}, **extra}
+    return model, ckpt
+
+
+@pytest.mark.parametrize("hparams_cls", [AttributeDict, FabricAttributeDict])
+def test_load_model_reads_attribute_dict_hyper_parameters_without_leaking_the_allow_list(tmp_path, hparams_cls):
+    allowed = set(torch.serialization.get_safe_globals())  # torch's own additions (nested tensors, device mesh)
+    model, ckpt = swapped_checkpoint(hparams_cls(norm="batch", width=8))
+    path = tmp_path / "model.ckpt"
+    torch.save(ckpt, path)
+    with pytest.raises(pickle.UnpicklingError):  # torch alone refuses it: the allow-list is ours
+        torch.load(path, weights_only=True)
+    assert NormSwap.apply_from_checkpoint(CNN(norm="batch", width=8), path)[0][0].name == "model.stem.1"
+
+    class AlreadyAllowed:
+        pass
+
+    with torch.serialization.safe_globals([AlreadyAllowed]):  # the caller's own allow-list stays as it was
+        rebuilt = NormSwap.load_model(CNN, path)
+        assert set(torch.serialization.get_safe_globals()) == allowed | {AlreadyAllowed}
+    assert set(torch.serialization.get_safe_globals()) == allowed
+    assert isinstance(rebuilt.model.layer1.bn1, nn.GroupNorm) and rebuilt.model.layer1.bn1.num_groups == 4
+    model.eval()
+    rebuilt.eval()
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(rebuilt(x), model(x))
+
+
+UNPICKLED: list[str] = []
+
+
+def _record_unpickling(what: str) -> str:
+    UNPICKLED.append(what)
+    return what
+
+
+class _Payload:
+    """Runs ``_record_unpickling`` when unpickled, as a malicious pickle would run anything."""
+
+    def __reduce__(self):
+        return _record_unpickling, ("payload ran",)
+
+
+class _UserConfig:
+    def __init__(self) -> None:
+        self.depth = 3
+
+
+def test_checkpoint_with_other_pickled_objects_is_refused(tmp_path) -> None:
+    allowed = set(torch.serialization.get_safe_globals())
+    _, ckpt = swapped_checkpoint({"norm": "batch", "width": 8}, config=_UserConfig(), payload=_Payload())
+    path = tmp_path / "untrusted.ckpt"
+    torch.save(ckpt, path)
+    names = [f"{__name__}._UserConfig", f"{__name__}._record_unpickling"]
+    UNPICKLED.clear()
+    for load in (lambda: NormSwap.load_model(CNN, path), lambda: NormSwap.apply_from_checkpoint(CNN(), str(path))):
+        with pytest.raises(pickle.UnpicklingError) as info:
+            load()
+        message = str(info.value)
+        assert repr(str(path)) in message
+        assert all(name in message for name in names), message
+        what_to_do = (r"If you trust the file.*torch\.serialization\.safe_globals\(\[_UserConfig, _record_unpickling"
+                      r"\]\).*`weights_only` set to False\) and pass it as `checkpoint`")
+        assert re.search(what_to_do, message), message
+    assert UNPICKLED == []
+    assert set(torch.serialization.get_safe_globals()) == allowed
+    # Negative control: a plain unpickling of the same file runs the payload.
+    torch.load(path, weights_only=False)
+    assert UNPICKLED == ["payload ran"]
+    # What the message says to do for a trusted file works.
+    with torch.serialization.safe_globals([_UserConfig, _record_unpickling]):
+        rebuilt = NormSwap.load_model(CNN, path)
+    assert isinstance(rebuilt.model.layer1.bn1, nn.GroupNorm)

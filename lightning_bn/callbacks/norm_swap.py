@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
+import pickle
+import re
 import weakref
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,59 @@ from lightning_bn.layers import check_options, normalize_kind
 from lightning_bn.swap import SwapReport, format_report, insert_norms, swap_norms
 
 __all__ = ["NormSwap"]
+
+
+# Beyond tensors and plain Python values, which `weights_only` loading accepts, a checkpoint that a Trainer writes
+# with this package's callbacks holds at most Lightning's AttributeDict of hyper-parameters (our callbacks' states are
+# plain values: classes in `include`/`exclude` are saved as "class:<import path>" strings). torch's weights-only
+# unpickler fills no dict subclass, so an AttributeDict is read as a plain dict with the same items, under each import
+# path it has had: lightning and the standalone lightning_fabric and pytorch_lightning packages.
+_CHECKPOINT_GLOBALS: list[tuple[type, str]] = [
+    (dict, f"{module}.AttributeDict")
+    for module in (
+        "lightning.fabric.utilities.data",
+        "lightning.pytorch.utilities.parsing",
+        "lightning_fabric.utilities.data",
+        "pytorch_lightning.utilities.parsing",
+    )
+]
+
+
+def _load_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file on the CPU with ``torch.load(weights_only=True)``, allowing only ``_CHECKPOINT_GLOBALS``.
+
+    Nothing in the file is run: a pickled object of any other class or a function is refused.
+
+    Raises:
+        pickle.UnpicklingError: the file holds such an object; the message names the file, the refused globals and
+            how to load a file one trusts.
+    """
+    # Scoped, not `add_safe_globals`: other loads in the process are not affected. Globals already allowed are left
+    # out, so that leaving the block (which removes what it added) does not take them back from the caller.
+    allowed = set(torch.serialization.get_safe_globals())
+    with torch.serialization.safe_globals([g for g in _CHECKPOINT_GLOBALS if g not in allowed]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            refused = _refused_globals(path, err)
+            held = f"the global(s) {', '.join(refused)}" if refused else "an object"
+            example = ", ".join(name.rpartition(".")[2] for name in refused) or "MyClass"
+            raise pickle.UnpicklingError(
+                f"NormSwap refuses to load {os.fspath(path)!r}: it holds {held}, which loading with "
+                "`weights_only=True` does not unpickle (unpickling can run any code). A checkpoint written by a "
+                "Trainer with lightning-bn's callbacks holds only tensors, plain values and Lightning's AttributeDict. "
+                "If you trust the file, allow what it needs for this call: `with torch.serialization.safe_globals("
+                f"[{example}]): NormSwap.load_model(...)`, or load the dict yourself (`torch.load` with `weights_only` "
+                "set to False) and pass it as `checkpoint`."
+            ) from err
+
+
+def _refused_globals(path: str | Path, err: Exception) -> list[str]:
+    """Every global in ``path`` that is not allowed (all of them, where torch can list them; else the one it named)."""
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a zip checkpoint: torch's message names the first one
+        return re.findall(r"GLOBAL ([\w.]+)", str(err))[:1]
 
 
 def _selector_to_state(selector: Any) -> Any:
@@ -60,6 +116,10 @@ class NormSwap(Callback):
 
     Raises:
         ValueError: an unknown kind (the message lists the kinds) or options the kind does not take.
+        pickle.UnpicklingError: from :meth:`load_model` and :meth:`apply_from_checkpoint`, a checkpoint file that
+            holds a pickled object other than tensors, plain values and Lightning's ``AttributeDict`` (files are read
+            with ``torch.load(weights_only=True)``, so nothing in them runs); the message names the file, what it
+            holds and how to load a file one trusts.
 
     Example::
 
@@ -151,13 +211,14 @@ class NormSwap(Callback):
     def _read_checkpoint(checkpoint: str | Path | dict[str, Any]) -> dict[str, Any]:
         if isinstance(checkpoint, dict):
             return checkpoint
-        return torch.load(checkpoint, map_location="cpu", weights_only=False)
+        return _load_checkpoint_file(checkpoint)
 
     @classmethod
     def apply_from_checkpoint(cls, model: nn.Module, checkpoint: str | Path | dict[str, Any]) -> list[SwapReport]:
         """Apply every NormSwap recorded in ``checkpoint`` to ``model`` (built as before the swap), in order.
 
-        Then ``model.load_state_dict(checkpoint["state_dict"])`` loads the trained weights.
+        Then ``model.load_state_dict(checkpoint["state_dict"])`` loads the trained weights. A path is read with
+        ``torch.load(weights_only=True)`` (see the class's Raises); a dict is used as it is.
         """
         ckpt = cls._read_checkpoint(checkpoint)
         states = [s for k, s in ckpt.get("callbacks", {}).items() if k.startswith(cls.__qualname__ + "{")]
@@ -171,7 +232,8 @@ class NormSwap(Callback):
     ) -> pl.LightningModule:
         """Rebuild a swapped LightningModule from a checkpoint outside the Trainer.
 
-        Builds ``module_cls(**hyper_parameters, **kwargs)``, applies the recorded swaps and loads the weights.
+        Builds ``module_cls(**hyper_parameters, **kwargs)``, applies the recorded swaps and loads the weights. A path
+        is read with ``torch.load(weights_only=True)`` (see the class's Raises); a dict is used as it is.
         """
         ckpt = cls._read_checkpoint(checkpoint)
         model = module_cls(**{**ckpt.get("hyper_parameters", {}), **kwargs})
