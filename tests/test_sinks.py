@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import re
 import sys
+import types
 from pathlib import Path
 
 import lightning as L
@@ -17,18 +18,18 @@ from PIL import Image
 from torch import nn
 
 from lightning_bn.sinks import (
+    LOG_SCALE_STATS,
     LoggerSink,
     Sink,
     TensorBoardSink,
     WandbSink,
-    fast_tensorboard_checksums,
     histogram_summary,
-    matplotlib_available,
     merge_bins,
-    pillow_available,
     render_heatmap,
+    shorten_labels,
     sink_for_logger,
     sinks_for_loggers,
+    uses_log_scale,
 )
 from tests.tb_utils import (
     find_wandb_offline_runs,
@@ -97,100 +98,103 @@ def test_merge_bins_matches_histogram_on_coarse_edges():
     np.testing.assert_array_equal(counts, [3, 3, 1])
 
 
-def test_render_heatmap_numpy_backend_colours_cells():
-    values = np.array([[0.0, 1.0], [np.nan, 0.5]])
-    image = render_heatmap(values, ["a", "b"], [0, 5], backend="numpy", cell_px=4)
-    assert image.shape == (8, 8, 3) and image.dtype == np.uint8
-    np.testing.assert_array_equal(image[0, 0], [68, 1, 84])  # minimum: first viridis colour
-    np.testing.assert_array_equal(image[0, 4], [253, 231, 37])  # maximum: last viridis colour
-    np.testing.assert_array_equal(image[4, 0], [128, 128, 128])  # NaN: grey
-    np.testing.assert_array_equal(image[4, 4], [33, 144, 141])  # midpoint: middle anchor
-    assert (image[:4, :4] == image[0, 0]).all()  # one flat block per value
+def _viridis(fraction: float) -> tuple[int, int, int]:
+    import matplotlib
+
+    r, g, b, _ = matplotlib.colormaps["viridis"](fraction, bytes=True)
+    return int(r), int(g), int(b)
 
 
-def test_render_heatmap_matplotlib_draws_labels_and_leaves_pyplot_alone():
+def _colours(image: np.ndarray) -> set[tuple[int, int, int]]:
+    return {(int(r), int(g), int(b)) for r, g, b in np.unique(image.reshape(-1, 3), axis=0)}
+
+
+def test_render_heatmap_colours_cells_by_the_colour_map_and_leaves_pyplot_alone():
     import matplotlib
     import matplotlib.pyplot as plt
 
     backend_before, figures_before = matplotlib.get_backend(), plt.get_fignums()
-    small = render_heatmap(_heatmap_values(3), LAYERS, [0, 10, 20, 30], title="act/std", backend="matplotlib")
-    tall = render_heatmap(np.ones((40, 4)), [f"block{i}" for i in range(40)], [0, 1, 2, 3], backend="matplotlib")
-    assert small.ndim == 3 and small.shape[2] == 3 and small.dtype == np.uint8
-    assert tall.shape[0] > small.shape[0]  # the figure grows with the number of layers
-    colours = {tuple(int(c) for c in px) for px in small.reshape(-1, 3)}
-    assert (128, 128, 128) in colours  # the NaN cell
-    assert len(colours) > 20  # cells, colour bar and text, not a blank canvas
-    assert matplotlib.get_backend() == backend_before and plt.get_fignums() == figures_before
-
-
-def test_render_heatmap_pillow_draws_cells_labels_and_colour_bar():
-    values = _heatmap_values(3)
-    image = render_heatmap(values, LAYERS, [0, 10, 20, 30], title="act/std", backend="pillow")
+    values = np.array([[0.0, 1.0, 2.0, 3.0], [np.nan, 0.5, 1.5, np.inf]])
+    image = render_heatmap(values, ["layer1.0.conv1", "fc"], [0, 10, 20, 30], title="act/std")
     assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
-    np.testing.assert_array_equal(image, render_heatmap(values, LAYERS, [0, 10, 20, 30], title="act/std"))  # auto
-    colours = {tuple(int(c) for c in px) for px in image.reshape(-1, 3)}
-    cells = {tuple(int(c) for c in px) for px in render_heatmap(values, LAYERS, [0, 10, 20, 30], backend="numpy")
-             .reshape(-1, 3)}
-    assert cells <= colours  # every cell's colour (the NaN grey included), as the numpy grid colours it
-    assert (0, 0, 0) in colours and (255, 255, 255) in colours  # text on a white margin
-    assert len(colours) > len(cells) + 20  # anti-aliased text and the colour bar's gradient
-    untitled = render_heatmap(values, LAYERS, [0, 10, 20, 30], backend="pillow")
+    colours = _colours(image)
+    assert {_viridis(0.0), _viridis(0.5), _viridis(1.0)} <= colours  # 0, 1.5 and 3 on a linear range [0, 3]
+    assert (128, 128, 128) in colours  # NaN and inf: grey
+    assert (255, 255, 255) in colours and len(colours) > 50  # a white margin, anti-aliased text, the colour bar
+    assert matplotlib.get_backend() == backend_before and plt.get_fignums() == figures_before
+    np.testing.assert_array_equal(image, render_heatmap(values, ["layer1.0.conv1", "fc"], [0, 10, 20, 30],
+                                                        title="act/std"))  # the same pixels every time
+    untitled = render_heatmap(values, ["layer1.0.conv1", "fc"], [0, 10, 20, 30])
     assert untitled.shape[0] < image.shape[0]  # room for the title
-    tall = render_heatmap(np.ones((40, 4)), [f"block{i}" for i in range(40)], [0, 1, 2, 3], backend="pillow")
-    huge = render_heatmap(np.ones((300, 4)), [f"block{i}" for i in range(300)], [0, 1, 2, 3], backend="pillow")
-    assert untitled.shape[0] < tall.shape[0] < 1000 and huge.shape[0] < 1000  # grows with layers, then rows shrink
-    wide_labels = render_heatmap(values, ["a" * 40, "b", "c"], [0, 10, 20, 30], backend="pillow")
-    assert wide_labels.shape[1] > untitled.shape[1]  # the label column fits the longest name
 
 
-def test_heatmap_text_is_drawn_exactly_as_pillow_draws_it():
-    # the renderer stamps cached glyph masks instead of calling ImageDraw.text for every label: same pixels
-    from PIL import ImageDraw
-
-    from lightning_bn.sinks import heatmap
-
-    for text, size, anchor in [("model.layer2.shortcut.0", 11, "rm"), ("heatmap/act/std", 11, "ma"),
-                               ("1.23e-05", 10, "lm"), ("150", 10, "ma"), ("clipped at the edge", 11, "lm")]:
-        background = np.full((40, 220, 3), 255, np.uint8)
-        background[:, 100:] = (30, 140, 200)  # over white and over a cell colour
-        stamped = background.copy()
-        assert heatmap._draw_text(stamped, (120, 20), text, size, anchor)
-        drawn = Image.fromarray(background)
-        ImageDraw.Draw(drawn).text((120, 20), text, fill=(0, 0, 0), font=heatmap._font(size), anchor=anchor)
-        np.testing.assert_array_equal(stamped, np.asarray(drawn))
-        assert (stamped != background).any(), text
-
-
-def test_encode_png_round_trips_through_pillow():
-    import io
-
-    from lightning_bn.sinks.tensorboard_sink import encode_png
-
-    rng = np.random.default_rng(0)
-    for image in (rng.integers(0, 256, (7, 5, 3), dtype=np.uint8),
-                  render_heatmap(_heatmap_values(3), LAYERS, [0, 10, 20, 30], title="act/std", backend="pillow")):
-        decoded = Image.open(io.BytesIO(encode_png(image)))
-        assert decoded.mode == "RGB"
-        np.testing.assert_array_equal(np.asarray(decoded), image)
-    with pytest.raises(ValueError, match="`image` must be HWC uint8 RGB"):
-        encode_png(np.zeros((2, 2), dtype=np.uint8))
+def test_render_heatmap_log_scale_spreads_decades_and_marks_values_at_or_below_zero():
+    values = np.array([[1.0, 10.0, 100.0]])
+    linear = _colours(render_heatmap(values, ["fc"], [0, 1, 2]))
+    log = _colours(render_heatmap(values, ["fc"], [0, 1, 2], log_scale=True))
+    assert _viridis(9 / 99) in linear and _viridis(0.5) not in linear  # 10 is near the bottom of [1, 100]
+    assert _viridis(0.5) in log and _viridis(9 / 99) not in log  # and half-way on a log scale
+    # A dead layer's std of 0 has no logarithm: it is drawn black, not grey like a missing value, and the colour
+    # range is that of the positive values.
+    dead = np.array([[1.0, 10.0, 100.0], [0.0, 0.0, 0.0]])
+    with_dead = render_heatmap(dead, ["fc", "relu"], [0, 1, 2], log_scale=True)
+    alive = render_heatmap(np.array([[1.0, 10.0, 100.0], [1.0, 1.0, 1.0]]), ["fc", "relu"], [0, 1, 2], log_scale=True)
+    black = np.all(with_dead == 0, axis=2).sum() - np.all(alive == 0, axis=2).sum()
+    assert black > 3 * 75 * 50  # the row of three cells, each ~100 x 75 pixels, and the colour bar's triangle
+    assert _viridis(0.5) in _colours(with_dead)
+    # no positive value at all: a linear scale
+    zeros = np.zeros((1, 3))
+    np.testing.assert_array_equal(render_heatmap(zeros, ["fc"], [0, 1, 2], log_scale=True),
+                                  render_heatmap(zeros, ["fc"], [0, 1, 2]))
 
 
-def test_render_heatmap_falls_back_to_numpy_without_matplotlib(monkeypatch):
-    values = _heatmap_values(2)
-    numpy_image = render_heatmap(values, LAYERS, [0, 1, 2], backend="numpy")
+def test_render_heatmap_height_follows_the_layer_count():
+    def height(rows: int) -> int:
+        return render_heatmap(np.ones((rows, 4)), [f"blocks.{i}.mlp.fc1" for i in range(rows)], [0, 1, 2, 3]).shape[0]
+
+    # one 15-pixel row per layer (an 8-point name is 11 pixels tall at 100 dpi) up to 80 layers, then rows shrink
+    assert height(40) - height(20) == 20 * 15
+    assert height(60) > 60 * 15
+    assert height(300) == height(80) < 1400
+
+
+def test_shorten_labels_keeps_the_tail_that_tells_layers_apart():
+    names = [f"bert.encoder.layer.{i}.{part}" for i in (0, 11) for part in ("attention.self.query", "output.dense")]
+    prefix, shown = shorten_labels(names)
+    assert prefix == "bert.encoder.layer." and shown[1] == "0.output.dense" and shown[2] == "11.attention.self.query"
+    assert shorten_labels(["conv1", "layer1.0.bn1"]) == ("", ["conv1", "layer1.0.bn1"])  # short names stay whole
+    # no shared prefix: the tail from a dot, after an ellipsis
+    prefix, shown = shorten_labels(["model.decoder.layers.11.mlp.fc1", "lm_head"], max_chars=20)
+    assert (prefix, shown) == ("", ["…layers.11.mlp.fc1", "lm_head"])
+    # names that would read alike keep longer tails until they differ
+    prefix, shown = shorten_labels(["encoder.layers.0.mlp.fc1", "decoder.layers.0.mlp.fc1", "x"], max_chars=18)
+    assert prefix == "" and len(set(shown)) == 3 and all(s.endswith("layers.0.mlp.fc1") for s in shown[:2])
+    prefix, shown = shorten_labels([f"a{'b' * 40}.{i}" for i in range(3)], max_chars=10)
+    assert prefix == f"a{'b' * 40}." and shown == ["0", "1", "2"]
+
+
+def test_render_heatmap_of_sixty_transformer_layers_fits_every_name():
+    parts = ("attention.self.query", "attention.output.dense", "attention.output.LayerNorm", "intermediate.dense",
+             "output.dense")
+    names = [f"bert.encoder.layer.{block}.{part}" for block in range(12) for part in parts]
+    values = 10.0 ** np.linspace(-2, 2, 60 * 50).reshape(60, 50)
+    image = render_heatmap(values, names, list(range(0, 2500, 50)), title="heatmap/act/std", log_scale=True)
+    assert 60 * 15 < image.shape[0] < 1100 and image.shape[1] < 1100  # a 15-pixel row per layer, names shortened
+    short = render_heatmap(values, [f"l{i}" for i in range(60)], list(range(0, 2500, 50)), title="heatmap/act/std")
+    assert image.shape[0] == short.shape[0] and image.shape[1] - short.shape[1] < 200
+
+
+def test_uses_log_scale_by_statistic():
+    assert uses_log_scale("heatmap/act/std") and uses_log_scale("heatmap/act_grad/rms") and uses_log_scale("act/std")
+    assert not uses_log_scale("heatmap/act/frac_zero") and not uses_log_scale("heatmap/act/std_dev")
+    assert not uses_log_scale("heatmap/act/std", stats=()) and uses_log_scale("m/x", stats=["x"])
+    assert {"act/std", "act_grad/rms"} <= set(LOG_SCALE_STATS)
+
+
+def test_render_heatmap_without_matplotlib_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what a missing install looks like to `import`
-    assert not matplotlib_available() and pillow_available()
-    np.testing.assert_array_equal(render_heatmap(values, LAYERS, [0, 1, 2]),
-                                  render_heatmap(values, LAYERS, [0, 1, 2], backend="pillow"))
-    with pytest.raises(ValueError, match=r"`backend` is 'matplotlib' but matplotlib is not installed"):
-        render_heatmap(values, LAYERS, [0, 1, 2], backend="matplotlib")
-    monkeypatch.setitem(sys.modules, "PIL", None)
-    monkeypatch.setitem(sys.modules, "PIL.ImageDraw", None)
-    assert not pillow_available()
-    np.testing.assert_array_equal(render_heatmap(values, LAYERS, [0, 1, 2]), numpy_image)
-    with pytest.raises(ValueError, match=r"`backend` is 'pillow' but Pillow is not installed"):
-        render_heatmap(values, LAYERS, [0, 1, 2], backend="pillow")
+    with pytest.raises(ImportError, match=r"heatmaps are drawn with matplotlib: `pip install matplotlib`"):
+        render_heatmap(np.ones((1, 1)), ["a"], [0])
 
 
 @pytest.mark.parametrize(
@@ -205,19 +209,25 @@ def test_render_heatmap_falls_back_to_numpy_without_matplotlib(monkeypatch):
         (lambda s: s.log_histogram("h", [0.0, 1.0, 2.0], [1, 2, 3], 0), r"`counts` must have shape \(K,\) = \(2,\)"),
         (lambda s: s.log_histogram("h", [0.0, 1.0], [-1], 0), r"`counts` must be finite and >= 0"),
         (lambda s: s.log_histogram("", [0.0, 1.0], [1], 0), r"`tag` must be a non-empty str, got ''"),
+        (lambda s: s.log_histogram("h", [0.0, 1.0], [1], 0, exact={"mean": 0.0}), r"`exact` keys must be among"),
         (lambda s: s.log_heatmap("m", np.ones(3), ["a"], [0], 0), r"`values` must be a non-empty 2-D array"),
         (lambda s: s.log_heatmap("m", np.ones((2, 1)), ["a"], [0], 0), r"`row_labels` must have one label per row"),
         (lambda s: s.log_heatmap("m", np.ones((1, 2)), ["a"], [0], 0), r"`col_labels` must have one label per col"),
         (lambda s: s.log_heatmap("m", np.ones((1, 1)), ["a"], ["x"], 0), r"`col_labels` must be a list of int steps"),
     ],
 )
-def test_bad_input_names_the_argument_and_writes_nothing(tmp_path, call, message):
+def test_bad_input_names_the_argument_and_writes_nothing(tmp_path, monkeypatch, call, message):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     logger = TensorBoardLogger(tmp_path, name="bad")
     with pytest.raises((ValueError, TypeError), match=message):
         call(TensorBoardSink(logger))
     assert not (tmp_path / "bad").exists()  # checked before the experiment (and its directory) is created
+    with pytest.raises((ValueError, TypeError), match=message):  # the same message whichever sink
+        call(WandbSink(WandbLogger(offline=True, save_dir=str(tmp_path))))
     with pytest.raises((ValueError, TypeError), match=message):
-        call(LoggerSink(CSVLogger(tmp_path, name="csv")))  # the same message whichever sink
+        call(LoggerSink(CSVLogger(tmp_path, name="csv")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no event file, no W&B run, no CSV
 
 
 def test_constructor_errors():
@@ -227,10 +237,16 @@ def test_constructor_errors():
         WandbSink(CSVLogger("unused"))
     with pytest.raises(TypeError, match=r"`logger` must be a Lightning logger, got str"):
         LoggerSink("logs")
-    with pytest.raises(ValueError, match=r"`heatmap_backend` must be one of auto, pillow, matplotlib, numpy, got 'png"):
-        TensorBoardSink(TensorBoardLogger("unused"), heatmap_backend="png")
-    with pytest.raises(ValueError, match=r"`backend` must be one of auto, pillow, matplotlib, numpy, got 'svg'"):
-        render_heatmap(np.ones((1, 1)), ["a"], [0], backend="svg")
+    with pytest.raises(TypeError, match=r"`log_scale_stats` must be a list of str, got 'act/std'"):
+        TensorBoardSink(TensorBoardLogger("unused"), log_scale_stats="act/std")
+    with pytest.raises(ValueError, match=r"`log_scale_stats entry` must be a non-empty str, got ''"):
+        WandbSink(WandbLogger(offline=True, save_dir="unused"), log_scale_stats=["act/std", ""])
+    with pytest.raises(ValueError, match=r"`cmap` must be a matplotlib colormap name such as 'viridis', got 'vir'"):
+        render_heatmap(np.ones((1, 1)), ["a"], [0], cmap="vir")
+    with pytest.raises(ValueError, match=r"`dpi` must be a positive int, got 0"):
+        render_heatmap(np.ones((1, 1)), ["a"], [0], dpi=0)
+    with pytest.raises(ValueError, match=r"`max_bins` must be a positive int, got 0"):
+        merge_bins([0.0, 1.0], [1], max_bins=0)
     with pytest.raises(TypeError, match=r"`loggers` must hold Lightning loggers, got str"):
         sinks_for_loggers(["tensorboard"])
 
@@ -304,7 +320,7 @@ def test_sinks_write_nothing_on_other_ranks(tmp_path):
 
 def _write_tensorboard_run(tmp_path: Path) -> tuple[TensorBoardLogger, dict]:
     logger = TensorBoardLogger(tmp_path, name="run", default_hp_metric=False)
-    sink = TensorBoardSink(logger, heatmap_backend="numpy")
+    sink = TensorBoardSink(logger)
     sink.set_layout({"act/std": ["act/std/.*"]})
     expected: dict = {"scalars": {}, "images": {}}
     for step in range(3):
@@ -317,8 +333,10 @@ def _write_tensorboard_run(tmp_path: Path) -> tuple[TensorBoardLogger, dict]:
     sink.log_scalars({"grad/norm/fc.weight": 2.0}, 2)
     sink.set_layout({"grad/norm": ["grad/norm/.*"]})  # a second call: the layouts are merged
     sink.set_layout({"grad/norm": ["grad/norm/.*"]})  # an identical call writes nothing new
-    sink.log_heatmap("act/std_heatmap", _heatmap_values(2), LAYERS, [0, 1, 2], step=2)
-    expected["images"]["act/std_heatmap"] = render_heatmap(_heatmap_values(2), LAYERS, [0, 1, 2], backend="numpy")
+    sink.log_heatmap("heatmap/act/std", _heatmap_values(2), LAYERS, [0, 1, 2], step=2)  # a log colour scale
+    expected["images"]["heatmap/act/std"] = render_heatmap(
+        _heatmap_values(2), LAYERS, [0, 1, 2], title="heatmap/act/std", log_scale=True
+    )
     sink.flush()
     return logger, expected
 
@@ -347,9 +365,9 @@ def test_tensorboard_event_files(tmp_path):
     ((step, exact),) = histograms["act/hist/conv"]
     assert (step, exact.min, exact.max, exact.sum) == (2, -0.7, 0.4, 3.0)
 
-    ((step, image),) = read_tb_images(run_dir)["act/std_heatmap"]
+    ((step, image),) = read_tb_images(run_dir)["heatmap/act/std"]
     assert step == 2
-    np.testing.assert_array_equal(image[..., :3], expected["images"]["act/std_heatmap"])  # PNG is lossless
+    np.testing.assert_array_equal(image[..., :3], expected["images"]["heatmap/act/std"])  # PNG is lossless
 
     assert read_tb_custom_scalars(run_dir) == {
         "lightning_bn": {"act/std": ["act/std/.*"], "grad/norm": ["grad/norm/.*"]}
@@ -393,37 +411,25 @@ def test_tensorboard_scalars_same_keys_every_step_keep_each_steps_values(tmp_pat
     assert scalars["act/std/b"] == [(0, 0.0), (1, -2.0), (2, -4.0), (3, -6.0), (4, 9.0)]
 
 
-def test_fast_checksums_are_tensorboards_own_and_files_read_back(tmp_path, monkeypatch):
+def test_writing_changes_nothing_in_tensorboard_torch_or_matplotlib(tmp_path):
+    import matplotlib
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference
-    from tensorboard.summary.writer import record_writer
-    from torch.utils.tensorboard import SummaryWriter
+    from tensorboard.summary.writer import event_file_writer, record_writer
+    from torch.utils.tensorboard import summary, writer
 
-    from lightning_bn.sinks.checksum import masked_crc32c
-
-    rng = np.random.default_rng(0)
-    for size in (0, 1, 7, 8, 9, 255, 1000, 9250):
-        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
-        assert masked_crc32c(data) == reference(data), size
-    original = record_writer.masked_crc32c
-    monkeypatch.setattr(record_writer, "masked_crc32c", original)  # restored after the test
-    if original is masked_crc32c:  # installed by an earlier sink in this process: start from TensorBoard's own
-        monkeypatch.setattr(record_writer, "masked_crc32c", reference)
-    off = TensorBoardSink(TensorBoardLogger(tmp_path, name="off"), fast_checksums=False)
-    assert off.fast_checksums is False and record_writer.masked_crc32c is reference
-    assert fast_tensorboard_checksums() is True and record_writer.masked_crc32c is masked_crc32c
-    assert fast_tensorboard_checksums() is True  # idempotent
-    writer = SummaryWriter(str(tmp_path / "fast"))
-    for step in range(3):
-        writer.add_scalar("x", float(step), step)
-    writer.add_image("img", np.zeros((4, 5, 3), dtype=np.uint8), 0, dataformats="HWC")
-    writer.close()
-    # TensorBoard's reader checks both checksums of every record with its own pure-Python CRC
-    (path,) = (tmp_path / "fast").glob("events.out.tfevents.*")
-    events = list(EventFileLoader(str(path)).Load())
-    assert sorted(v.tag for e in events for v in e.summary.value) == ["img", "x", "x", "x"]
-    assert read_tb_scalars(str(tmp_path / "fast"))["x"] == [(0, 0.0), (1, 1.0), (2, 2.0)]
-    assert TensorBoardSink(TensorBoardLogger(tmp_path, name="on")).fast_checksums is True
+    modules = (record_writer, event_file_writer, writer, summary, matplotlib)
+    before = [dict(vars(module)) for module in modules]
+    rc_before = dict(matplotlib.rcParams)
+    logger, _ = _write_tensorboard_run(tmp_path)
+    for module, attributes in zip(modules, before):
+        changed = [name for name, value in vars(module).items()
+                   if attributes.get(name) is not value and not isinstance(value, types.ModuleType)]  # submodules
+        assert not changed, f"{module.__name__}: {changed}"
+    assert dict(matplotlib.rcParams) == rc_before
+    # TensorBoard's reader verifies both checksums of every record as it reads it
+    (path,) = Path(logger.log_dir).glob("events.out.tfevents.*")
+    tags = {value.tag for event in EventFileLoader(str(path)).Load() for value in event.summary.value}
+    assert {"act/std/fc", "act/hist/fc", "heatmap/act/std"} <= tags
 
 
 def test_tensorboard_server_serves_every_plugin(tmp_path):
@@ -448,7 +454,7 @@ def test_tensorboard_server_serves_every_plugin(tmp_path):
             assert [b[1] for b in buckets] == EDGES[first + 1 : last + 2].tolist()  # right edges
 
         image_tags = get_json(base_url, "/data/plugin/images/tags")[run]
-        assert image_tags["act/std_heatmap"]["samples"] == 1
+        assert image_tags["heatmap/act/std"]["samples"] == 1
 
         layout = get_json(base_url, "/data/plugin/custom_scalars/layout")
         (category,) = layout["category"]

@@ -1,12 +1,12 @@
 """Writing the monitor's figures to TensorBoard, W&B and any Lightning logger.
 
 ``sinks_for_loggers(trainer.loggers)`` gives one :class:`Sink` per logger; each takes scalars, a chart layout,
-histograms (bin edges and counts) and heatmaps (layers x steps), and ignores what its destination cannot show.
+histograms (bin edges and counts) and heatmaps (layers x steps, drawn with matplotlib), and ignores what its
+destination cannot show.
 """
 
-from lightning_bn.sinks.checksum import fast_tensorboard_checksums
 from lightning_bn.sinks.factory import sink_for_logger, sinks_for_loggers
-from lightning_bn.sinks.heatmap import matplotlib_available, pillow_available, render_heatmap
+from lightning_bn.sinks.heatmap import LOG_SCALE_STATS, render_heatmap, shorten_labels, uses_log_scale
 from lightning_bn.sinks.histogram import HistogramSummary, histogram_summary, merge_bins
 from lightning_bn.sinks.logger_sink import LoggerSink
 from lightning_bn.sinks.sink import Sink
@@ -14,17 +14,17 @@ from lightning_bn.sinks.tensorboard_sink import TensorBoardSink
 from lightning_bn.sinks.wandb_sink import WandbSink
 
 __all__ = [
+    "LOG_SCALE_STATS",
     "HistogramSummary",
     "LoggerSink",
     "Sink",
     "TensorBoardSink",
     "WandbSink",
-    "fast_tensorboard_checksums",
     "histogram_summary",
-    "matplotlib_available",
     "merge_bins",
-    "pillow_available",
     "render_heatmap",
     "sink_for_logger",
+    "shorten_labels",
     "sinks_for_loggers",
+    "uses_log_scale",
 ]

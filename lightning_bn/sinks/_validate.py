@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,6 +15,13 @@ def check_tag(tag: Any, name: str = "tag") -> str:
     if not isinstance(tag, str) or not tag:
         raise ValueError(f"`{name}` must be a non-empty str, got {tag!r}")
     return tag
+
+
+def check_tags(tags: Any, name: str) -> tuple[str, ...]:
+    """``tags`` (a list of non-empty str, possibly empty) as a tuple."""
+    if isinstance(tags, str) or not isinstance(tags, Collection):
+        raise TypeError(f"`{name}` must be a list of str, got {tags!r}")
+    return tuple(check_tag(tag, name=f"{name} entry") for tag in tags)
 
 
 def check_step(step: Any) -> int:

@@ -1,223 +1,103 @@
-"""Render a layers-by-steps heatmap to an RGB image (HWC, uint8) that any logger can take."""
+"""Draw a layers-by-steps heatmap with matplotlib as an RGB image (HWC, uint8) that any logger can take."""
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
 
+from lightning_bn._checks import check_positive_int
 from lightning_bn.sinks._validate import check_heatmap
 
-__all__ = ["render_heatmap", "matplotlib_available", "pillow_available"]
+__all__ = ["LOG_SCALE_STATS", "render_heatmap", "shorten_labels", "uses_log_scale"]
 
-BACKENDS = ("auto", "pillow", "matplotlib", "numpy")
-
-# Viridis sampled at 9 points; the numpy fallback interpolates between them.
-_VIRIDIS_ANCHORS = np.array(
-    [
-        [68, 1, 84],
-        [71, 44, 122],
-        [59, 81, 139],
-        [44, 113, 142],
-        [33, 144, 141],
-        [39, 173, 129],
-        [92, 200, 99],
-        [170, 220, 50],
-        [253, 231, 37],
-    ],
-    dtype=np.float64,
+# Magnitudes that may differ between layers by decades (an exploding layer next to a collapsing one): on a linear
+# scale every layer but the largest would be one colour.
+LOG_SCALE_STATS = (
+    "act/std",
+    "act/rms",
+    "act/abs_max",
+    "act_in/std",
+    "act_in/rms",
+    "act_in/abs_max",
+    "act_grad/rms",
+    "act_grad/abs_max",
+    "param/norm",
+    "grad/norm",
+    "grad/ratio",
+    "update/ratio",
 )
-_MISSING_RGB = np.array([128, 128, 128], dtype=np.uint8)
+
+MISSING_COLOUR = "#808080"  # NaN and infinite values
+NONPOSITIVE_COLOUR = "#000000"  # values <= 0 on a log scale (a dead layer's std), the colour bar's lower triangle
+MAX_LABEL_CHARS = 32
+
+# Sizes in inches at the figure's dpi (100 by default: 8-point text is 11 pixels tall).
+_ROW_IN = 0.15  # one layer's row: an 8-point label and a gap
+_MAX_PLOT_IN = 12.0  # up to 80 layers each get a labelled row; beyond, rows shrink and every k-th one is labelled
+_MIN_PLOT_IN = 1.5
+_TICK_PT, _LABEL_PT, _TITLE_PT = 8, 9, 10
 
 
-def matplotlib_available() -> bool:
-    """Whether matplotlib can be imported (then headings, tick labels and a colour bar are drawn)."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def uses_log_scale(tag: str, stats: Collection[str] = LOG_SCALE_STATS) -> bool:
+    """Whether a heatmap tagged ``tag`` shows one of ``stats``: ``tag`` is a statistic or ends in ``/<statistic>``.
+
+    Example::
+
+        >>> uses_log_scale("heatmap/act/std"), uses_log_scale("heatmap/act/frac_zero")
+        (True, False)
+    """
+    return any(tag == stat or tag.endswith("/" + stat) for stat in stats)
 
 
-def pillow_available() -> bool:
-    """Whether Pillow can be imported (the fast labelled renderer; TensorBoard and W&B images need it anyway)."""
-    try:
-        import PIL.ImageDraw  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def shorten_labels(labels: Sequence[str], max_chars: int = MAX_LABEL_CHARS) -> tuple[str, list[str]]:
+    """Labels of at most ``max_chars`` characters for ``labels``, and the prefix taken off them to get there.
+
+    Labels that fit are kept whole, with no prefix. Otherwise the dotted prefix all labels share is taken off (whole
+    parts of the names, ``"bert.encoder.layer."``, never a name's last part; the caller says it once), and a name
+    still too long keeps its tail, which tells layers apart, from a dot after an ellipsis:
+    ``"decoder.layers.11.self_attn.out_proj"`` at 24 characters becomes ``"…11.self_attn.out_proj"``. Names that
+    would then read alike keep longer tails until they differ.
+
+    Example::
+
+        >>> shorten_labels(["model.layers.0.mlp.fc1", "model.head"], max_chars=16)
+        ('model.', ['layers.0.mlp.fc1', 'head'])
+        >>> shorten_labels(["encoder.layers.11.self_attn.out_proj", "lm_head"], max_chars=24)
+        ('', ['…11.self_attn.out_proj', 'lm_head'])
+    """
+    if all(len(label) <= max_chars for label in labels):
+        return "", list(labels)
+    parts = [label.split(".") for label in labels]
+    shared = min((len(p) - 1 for p in parts), default=0) if len(parts) > 1 else 0
+    for depth in range(shared):
+        if any(p[depth] != parts[0][depth] for p in parts):
+            shared = depth
+            break
+    prefix = "".join(part + "." for part in parts[0][:shared]) if shared else ""
+    rest = [label[len(prefix) :] for label in labels]
+    budget = [max_chars] * len(rest)
+    while True:
+        shown = [_elide(label, chars) for label, chars in zip(rest, budget)]
+        originals: dict[str, set[str]] = {}
+        for label, text in zip(rest, shown):
+            originals.setdefault(text, set()).add(label)
+        clashing = [i for i, text in enumerate(shown) if len(originals[text]) > 1 and text != rest[i]]
+        if not clashing:
+            return prefix, shown
+        for i in clashing:
+            budget[i] += 4
 
 
-def _finite_range(values: np.ndarray) -> tuple[float, float]:
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return 0.0, 1.0
-    low, high = float(finite.min()), float(finite.max())
-    if high <= low:
-        return low - 0.5, high + 0.5
-    return low, high
-
-
-def _colour(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Viridis colours (interpolated between 9 anchors) of ``values`` scaled from ``[low, high]``; NaN and inf grey."""
-    finite = np.isfinite(values)
-    scaled = np.where(finite, (np.where(finite, values, low) - low) / (high - low), 0.0)
-    position = np.clip(scaled, 0.0, 1.0) * (len(_VIRIDIS_ANCHORS) - 1)
-    lower = np.floor(position).astype(int).clip(max=len(_VIRIDIS_ANCHORS) - 2)
-    frac = (position - lower)[..., None]
-    rgb = _VIRIDIS_ANCHORS[lower] * (1 - frac) + _VIRIDIS_ANCHORS[lower + 1] * frac
-    image = np.rint(rgb).astype(np.uint8)
-    image[~finite] = _MISSING_RGB
-    return image
-
-
-def _render_numpy(values: np.ndarray, cell_px: int) -> np.ndarray:
-    image = _colour(values, *_finite_range(values))
-    # Nearest-neighbour upscaling keeps one flat block per (layer, step) cell.
-    return np.ascontiguousarray(image.repeat(cell_px, axis=0).repeat(cell_px, axis=1))
-
-
-@functools.lru_cache(maxsize=8)
-def _font(size: int) -> Any:
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
-    except TypeError:
-        return ImageFont.load_default()
-
-
-@functools.lru_cache(maxsize=4096)
-def _text_stamp(text: str, size: int, anchor: str) -> tuple[np.ndarray, int, int] | None:
-    """``text`` rendered once as an 8-bit coverage mask, with its offset from the anchor point (cached: layer names
-    and most step labels are the same from one heatmap to the next). None when the font cannot place anchors."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = _font(size)
-    if not isinstance(font, ImageFont.FreeTypeFont):  # Pillow < 10.1's bitmap font: no anchors
-        return None
-    left, top, right, bottom = (int(v) for v in font.getbbox(text, anchor=anchor))
-    mask = Image.new("L", (max(right - left, 1), max(bottom - top, 1)), 0)
-    ImageDraw.Draw(mask).text((-left, -top), text, fill=255, font=font, anchor=anchor)
-    return np.asarray(mask), left, top
-
-
-def _draw_text(canvas: np.ndarray, xy: tuple[int, int], text: str, size: int, anchor: str) -> bool:
-    """Black ``text`` onto an RGB ``canvas`` at ``xy`` as Pillow's ``ImageDraw.text`` draws it; False if it cannot."""
-    stamp = _text_stamp(text, size, anchor)
-    if stamp is None:
-        return False
-    mask, left, top = stamp
-    x0, y0 = xy[0] + left, xy[1] + top
-    height, width = canvas.shape[:2]
-    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x0 + mask.shape[1], width), min(y0 + mask.shape[0], height)
-    if cx0 < cx1 and cy0 < cy1:
-        alpha = mask[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0, None].astype(np.uint16)
-        region = canvas[cy0:cy1, cx0:cx1]
-        # black over the background with the glyph coverage as alpha, rounded like Pillow's blend
-        region[...] = (region * (255 - alpha) + 127) // 255
-    return True
-
-
-def _render_pillow(values: np.ndarray, row_labels: list[str], col_labels: list[int], title: str) -> np.ndarray:
-    """The matplotlib figure's content (layer names, steps, title, colour bar) drawn with Pillow in a few ms."""
-    from PIL import Image, ImageDraw
-
-    rows, cols = values.shape
-    font, small = _font(11), _font(10)
-    # A row is tall enough for its label up to 60 rows; beyond that rows shrink and every k-th one is labelled.
-    row_px = 13 if rows <= 60 else max(2, 780 // rows)
-    col_px = max(1, min(16, 640 // cols))
-    plot_w, plot_h = col_px * cols, row_px * rows
-    label_w = max(_text_width(label, 11) for label in row_labels)
-    low, high = _finite_range(values)
-    bar_labels = [f"{v:.3g}" for v in (high, (low + high) / 2, low)]
-    bar_label_w = max(_text_width(label, 10) for label in bar_labels)
-    left, top = label_w + 10, (20 if title else 6)
-    bottom, bar_gap, bar_w = 30, 8, 12
-    width = left + plot_w + bar_gap + bar_w + 6 + bar_label_w + 6
-    height = top + max(plot_h, 40) + bottom
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    cells = _colour(values, low, high).repeat(row_px, axis=0).repeat(col_px, axis=1)
-    canvas[top : top + plot_h, left : left + plot_w] = cells
-    bar_left = left + plot_w + bar_gap
-    gradient = _colour(np.linspace(high, low, max(plot_h, 40))[:, None], low, high)
-    canvas[top : top + gradient.shape[0], bar_left : bar_left + bar_w] = gradient
-    texts: list[tuple[tuple[int, int], str, int, str]] = []
-    if title:
-        texts.append(((left + plot_w // 2, 3), title, 11, "ma"))
-    every_row = -(-rows // max(plot_h // 12, 1))
-    for i in range(0, rows, every_row):
-        texts.append(((left - 4, top + i * row_px + row_px // 2), row_labels[i], 11, "rm"))
-    for j in _tick_positions(cols, 10):
-        x = left + j * col_px + col_px // 2
-        canvas[top + plot_h : top + plot_h + 4, x] = 0  # the tick
-        texts.append(((x, top + plot_h + 4), str(col_labels[j]), 10, "ma"))
-    texts.append(((left + plot_w // 2, top + plot_h + 17), "step", 10, "ma"))
-    bar_h = gradient.shape[0]
-    for label, y in zip(bar_labels, (top, top + bar_h // 2, top + bar_h - 1)):
-        texts.append(((bar_left + bar_w + 4, y), label, 10, "lm"))
-    if all(_draw_text(canvas, xy, text, size, anchor) for xy, text, size, anchor in texts[:1]):
-        for xy, text, size, anchor in texts[1:]:
-            _draw_text(canvas, xy, text, size, anchor)
-        return canvas
-    image = Image.fromarray(canvas)  # no anchors in this font: Pillow draws the text itself
-    draw = ImageDraw.Draw(image)
-    for xy, text, size, anchor in texts:
-        draw.text(xy, text, fill=(0, 0, 0), font=font if size == 11 else small, anchor=anchor)
-    return np.asarray(image, dtype=np.uint8).copy()
-
-
-@functools.lru_cache(maxsize=4096)
-def _text_width(text: str, size: int) -> int:
-    from PIL import Image, ImageDraw
-
-    return int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=_font(size)))
-
-
-def _tick_positions(count: int, max_ticks: int) -> range:
-    """Every k-th index, k as small as keeps at most ``max_ticks`` ticks (regular spacing, first index included)."""
-    return range(0, count, -(-count // max(max_ticks, 1)))
-
-
-def _render_matplotlib(
-    values: np.ndarray, row_labels: list[str], col_labels: list[int], title: str, cmap: str, dpi: int
-) -> np.ndarray:
-    # The object API with an explicit Agg canvas: no pyplot state, no change to the user's global backend.
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows, cols = values.shape
-    # Axes placed in inches from the label sizes instead of by a layout engine, whose extra pass would cost about as
-    # much again as drawing the figure. 7-point labels are ~0.055 in per character and ~0.11 in tall.
-    label_in = 0.3 + 0.055 * max(len(label) for label in row_labels)
-    plot_w = min(4.0 + 0.02 * cols, 10.0)
-    plot_h = min(max(0.15 * rows, 1.6), 14.0)
-    bar_in = 0.9  # gap, colour bar and its tick labels
-    bottom_in, top_in = 0.5, (0.35 if title else 0.15)
-    width, height = label_in + plot_w + bar_in, bottom_in + plot_h + top_in
-    fig = Figure(figsize=(width, height), dpi=dpi)
-    canvas = FigureCanvasAgg(fig)
-    ax = fig.add_axes((label_in / width, bottom_in / height, plot_w / width, plot_h / height))
-    bar = fig.add_axes(((label_in + plot_w + 0.1) / width, bottom_in / height, 0.12 / width, plot_h / height))
-    low, high = _finite_range(values)
-    palette = matplotlib.colormaps[cmap].with_extremes(bad="#808080")
-    mesh = ax.imshow(
-        np.ma.masked_invalid(values), aspect="auto", interpolation="nearest", cmap=palette, vmin=low, vmax=high
-    )
-    row_ticks = _tick_positions(rows, int(plot_h / 0.11))
-    col_ticks = _tick_positions(cols, 10)
-    ax.set_yticks(list(row_ticks), [row_labels[i] for i in row_ticks], fontsize=7)
-    ax.set_xticks(list(col_ticks), [str(col_labels[i]) for i in col_ticks], fontsize=7)
-    ax.set_xlabel("step", fontsize=8, labelpad=1)
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.colorbar(mesh, cax=bar).ax.tick_params(labelsize=7)
-    canvas.draw()
-    return np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3])
+def _elide(label: str, max_chars: int) -> str:
+    if len(label) <= max_chars:
+        return label
+    tail = label[len(label) - max_chars + 1 :]
+    dot = tail.find(".")
+    if 0 <= dot < min(12, len(tail) - 1):  # start at a whole part of the name when that loses few characters
+        tail = tail[dot + 1 :]
+    return "…" + tail
 
 
 def render_heatmap(
@@ -225,62 +105,138 @@ def render_heatmap(
     row_labels: Sequence[str],
     col_labels: Sequence[int],
     title: str = "",
+    log_scale: bool = False,
     cmap: str = "viridis",
-    backend: str = "auto",
     dpi: int = 100,
-    cell_px: int = 8,
 ) -> np.ndarray:
-    """Draw ``values`` (layers x steps) as an RGB image of shape ``(H, W, 3)``, dtype uint8.
+    """Draw ``values`` (layers x steps) with matplotlib as an RGB image of shape ``(H, W, 3)``, dtype uint8.
 
-    Three renderers, all with NaN and infinite values grey and the colour range that of the finite values:
+    The figure has the layer names on the y axis, first row at the top, the steps on the x axis, ``title`` above and
+    a colour bar. Names longer than 32 characters lose the prefix they all share (said once, in the axis label) and
+    then keep their tail (:func:`shorten_labels`). The image's height follows the number of layers: each name is
+    drawn at 8 points (11 pixels at 100 dpi) in a row of its own up to 80 layers; beyond that rows shrink and every
+    k-th one is labelled. NaN and infinite values are grey; the colour range is that of the finite values.
 
-    * ``"pillow"``: the layer names on the y axis (every k-th one when there are more than about 60), the steps on
-      the x axis, the title and a colour bar, cells coloured with an interpolated viridis; a few milliseconds, which
-      is why ``"auto"`` picks it first (the monitor draws heatmaps while training runs).
-    * ``"matplotlib"``: the same content as a matplotlib figure (any ``cmap``, ``dpi``), drawn on a private Agg canvas,
-      so the user's pyplot backend and state are untouched; a few hundred milliseconds per image on a busy CPU.
-    * ``"numpy"``: the bare grid, one ``cell_px`` by ``cell_px`` block per value, rows in the order of ``row_labels``
-      from the top, no text.
+    With ``log_scale`` the colours follow the logarithm of the values, for statistics whose layers differ by decades
+    (``act/std``, ``act_grad/rms``; the sinks pick it by tag, see :func:`uses_log_scale`). The range is that of the
+    positive finite values; values <= 0 are black (the colour bar's lower triangle). Without any positive value the
+    scale is linear.
 
-    ``"auto"`` takes Pillow when it can be imported, else matplotlib, else numpy.
+    Drawn on a private Agg canvas (``matplotlib.figure.Figure``): pyplot, its open figures and the backend are not
+    touched. What an image costs: ``python -m benchmarks.writing``.
 
     Args:
         values: array of shape ``(len(row_labels), len(col_labels))``.
         row_labels: one name per row (layer).
         col_labels: one step per column.
-        title: drawn above the figure (pillow and matplotlib).
-        cmap: a matplotlib colormap name (matplotlib only; the others draw viridis).
-        backend: ``"auto"``, ``"pillow"``, ``"matplotlib"`` or ``"numpy"``.
-        dpi: resolution of the matplotlib figure.
-        cell_px: size of one value's block in the numpy rendering.
+        title: drawn above the plot; also the colour bar's label.
+        log_scale: colours on a logarithmic scale.
+        cmap: a matplotlib colormap name.
+        dpi: pixels per inch of the figure.
 
     Raises:
-        ValueError: on shapes that do not match, an unknown ``backend`` or ``cmap``, or a ``backend`` whose library
-            is not installed.
+        ImportError: matplotlib is not installed.
+        ValueError: on shapes that do not match, an unknown ``cmap`` or a ``dpi`` that is not a positive int.
 
     Example::
 
-        >>> image = render_heatmap(np.arange(6.0).reshape(2, 3), ["conv1", "fc"], [0, 10, 20], backend="numpy")
-        >>> image.shape, image.dtype
-        ((16, 24, 3), dtype('uint8'))
+        >>> image = render_heatmap(np.arange(6.0).reshape(2, 3), ["conv1", "fc"], [0, 10, 20], title="act/std")
+        >>> image.ndim, image.shape[2], image.dtype
+        (3, 3, dtype('uint8'))
     """
     values_arr, rows, cols = check_heatmap(values, row_labels, col_labels)
-    if backend not in BACKENDS:
-        raise ValueError(f"`backend` must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if isinstance(cell_px, bool) or not isinstance(cell_px, int) or cell_px < 1:
-        raise ValueError(f"`cell_px` must be an int >= 1, got {cell_px!r}")
-    if backend == "auto":
-        backend = "pillow" if pillow_available() else "matplotlib" if matplotlib_available() else "numpy"
-    if backend == "numpy":
-        return _render_numpy(values_arr, cell_px)
-    if backend == "pillow":
-        if not pillow_available():
-            raise ValueError("`backend` is 'pillow' but Pillow is not installed; use 'auto' or 'numpy'")
-        return _render_pillow(values_arr, rows, cols, title)
-    if not matplotlib_available():
-        raise ValueError("`backend` is 'matplotlib' but matplotlib is not installed; use 'auto' or 'numpy'")
-    import matplotlib
-
-    if cmap not in matplotlib.colormaps:
+    check_positive_int("dpi", dpi)
+    colormaps = _matplotlib().colormaps
+    if cmap not in colormaps:
         raise ValueError(f"`cmap` must be a matplotlib colormap name such as 'viridis', got {cmap!r}")
-    return _render_matplotlib(values_arr, rows, cols, title, cmap, dpi)
+    return _draw_heatmap(values_arr, rows, cols, title, bool(log_scale), cmap, dpi)
+
+
+def _matplotlib() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("heatmaps are drawn with matplotlib: `pip install matplotlib`") from None
+    return matplotlib
+
+
+def _draw_heatmap(
+    values: np.ndarray,
+    row_labels: list[str],
+    col_labels: list[int],
+    title: str,
+    log_scale: bool,
+    cmap: str = "viridis",
+    dpi: int = 100,
+) -> np.ndarray:
+    """:func:`render_heatmap` on input already checked (the sinks check theirs once, in their public methods)."""
+    matplotlib = _matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.font_manager import FontProperties
+
+    rows, cols = values.shape
+    finite = np.isfinite(values)
+    positive = finite & (values > 0)
+    log_scale = log_scale and bool(positive.any())
+    nonpositive = log_scale and bool((finite & ~positive).any())
+    if log_scale:
+        low, high = _value_range(values[positive])
+        low, high = (low / 2, high * 2) if low == high else (low, high)
+        norm: Normalize = LogNorm(vmin=low, vmax=high)
+        # below the range, so drawn in the colour map's "under" colour; NaN and inf stay masked ("bad", grey)
+        shown = np.where(finite & ~positive, low / 10, values)
+    else:
+        low, high = _value_range(values[finite])
+        low, high = (low - 0.5, high + 0.5) if low == high else (low, high)
+        norm, shown = Normalize(vmin=low, vmax=high), values
+    palette = matplotlib.colormaps[cmap].with_extremes(bad=MISSING_COLOUR, under=NONPOSITIVE_COLOUR)
+
+    prefix, shown_labels = shorten_labels(row_labels)
+    labelled = _every_kth(rows, int(_MAX_PLOT_IN / _ROW_IN))
+    fig = Figure(dpi=dpi)
+    canvas = FigureCanvasAgg(fig)
+    # Axes placed in inches from the measured label widths: the figure grows with the layers and their names, where a
+    # layout engine would squeeze the axes into a figure of fixed size.
+    renderer = canvas.get_renderer()
+    tick_font = FontProperties(size=_TICK_PT)
+    label_px = max(renderer.get_text_width_height_descent(shown_labels[i], tick_font, ismath=False)[0]
+                   for i in labelled)
+    left_in = 0.45 + label_px / dpi  # y label, tick labels, ticks
+    plot_w = float(np.clip(0.03 * cols, 3.0, 9.0))
+    plot_h = float(np.clip(_ROW_IN * rows, _MIN_PLOT_IN, _MAX_PLOT_IN))
+    right_in = 1.35  # gap, colour bar, its tick labels and its label
+    bottom_in, top_in = 0.6, (0.4 if title else 0.15)
+    width, height = left_in + plot_w + right_in, bottom_in + plot_h + top_in
+    fig.set_size_inches(width, height)
+    ax = fig.add_axes((left_in / width, bottom_in / height, plot_w / width, plot_h / height))
+    bar = fig.add_axes(((left_in + plot_w + 0.15) / width, bottom_in / height, 0.15 / width, plot_h / height))
+
+    mesh = ax.imshow(np.ma.masked_invalid(shown), aspect="auto", interpolation="nearest", cmap=palette, norm=norm)
+    ax.set_yticks(list(labelled), [shown_labels[i] for i in labelled], fontsize=_TICK_PT)
+    steps = _every_kth(cols, 8)
+    ax.set_xticks(list(steps), [str(col_labels[j]) for j in steps], fontsize=_TICK_PT)
+    ax.set_xlabel("step", fontsize=_LABEL_PT)
+    # the prefix every name shares, once, cut to the height of the plot (9-point characters are ~0.075 in wide)
+    ax.set_ylabel(f"layer ({_elide(prefix, int(plot_h / 0.075) - 9)}…)" if prefix else "layer", fontsize=_LABEL_PT)
+    if title:
+        ax.set_title(title, fontsize=_TITLE_PT)
+    colour_bar = fig.colorbar(mesh, cax=bar, extend="min" if nonpositive else "neither")
+    colour_bar.ax.tick_params(labelsize=_TICK_PT)
+    if log_scale and high / low >= 100:
+        colour_bar.minorticks_off()
+    colour_bar.set_label(f"{title or 'value'}{' (log scale)' if log_scale else ''}", fontsize=_LABEL_PT)
+    canvas.draw()
+    return np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3])
+
+
+def _value_range(finite: np.ndarray) -> tuple[float, float]:
+    if finite.size == 0:
+        return 0.0, 1.0
+    return float(finite.min()), float(finite.max())
+
+
+def _every_kth(count: int, max_ticks: int) -> range:
+    """Every k-th index, k as small as keeps at most ``max_ticks`` of them (the first index included)."""
+    return range(0, count, -(-count // max(max_ticks, 1)))

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from lightning_bn._checks import check_positive_int
 from lightning_bn.sinks._validate import check_exact, check_histogram
 
 __all__ = ["HistogramSummary", "histogram_summary", "merge_bins"]
@@ -46,7 +47,11 @@ def histogram_summary(edges: Any, counts: Any, exact: Mapping[str, float] | None
         HistogramSummary(min=0.0, max=2.0, num=4.0, sum=5.0, sum_squares=7.0)
     """
     edges_arr, counts_arr = check_histogram(edges, counts)
-    known = check_exact(exact)
+    return _summarize_bins(edges_arr, counts_arr, check_exact(exact))
+
+
+def _summarize_bins(edges_arr: np.ndarray, counts_arr: np.ndarray, known: Mapping[str, float]) -> HistogramSummary:
+    """:func:`histogram_summary` of checked float64 bins and checked ``exact`` values (the sinks check once)."""
     nonempty = np.flatnonzero(counts_arr > 0)
     if nonempty.size:
         low, high = float(edges_arr[nonempty[0]]), float(edges_arr[nonempty[-1] + 1])
@@ -65,14 +70,20 @@ def histogram_summary(edges: Any, counts: Any, exact: Mapping[str, float] | None
 def merge_bins(edges: Any, counts: Any, max_bins: int) -> tuple[np.ndarray, np.ndarray]:
     """Merge runs of adjacent bins so that at most ``max_bins`` remain; totals and outer edges are kept.
 
+    Raises:
+        ValueError: on edges and counts of the wrong shape or values, or a ``max_bins`` that is not a positive int.
+
     Example::
 
         >>> merge_bins([0, 1, 2, 3, 4, 5], [1, 1, 1, 1, 1], max_bins=2)
         (array([0., 3., 5.]), array([3., 2.]))
     """
     edges_arr, counts_arr = check_histogram(edges, counts)
-    if isinstance(max_bins, bool) or not isinstance(max_bins, int) or max_bins < 1:
-        raise ValueError(f"`max_bins` must be an int >= 1, got {max_bins!r}")
+    return _merge_checked_bins(edges_arr, counts_arr, check_positive_int("max_bins", max_bins))
+
+
+def _merge_checked_bins(edges_arr: np.ndarray, counts_arr: np.ndarray, max_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`merge_bins` of checked float64 bins and a checked ``max_bins``."""
     num_bins = counts_arr.size
     if num_bins <= max_bins:
         return edges_arr, counts_arr

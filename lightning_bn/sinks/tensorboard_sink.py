@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import struct
-import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -13,15 +11,16 @@ from typing_extensions import override
 
 from lightning_bn.sinks._validate import (
     check_charts,
+    check_exact,
     check_heatmap,
     check_histogram,
     check_scalars,
     check_step,
     check_tag,
+    check_tags,
 )
-from lightning_bn.sinks.checksum import fast_tensorboard_checksums
-from lightning_bn.sinks.heatmap import BACKENDS, render_heatmap
-from lightning_bn.sinks.histogram import histogram_summary
+from lightning_bn.sinks.heatmap import LOG_SCALE_STATS, _draw_heatmap, uses_log_scale
+from lightning_bn.sinks.histogram import _summarize_bins
 from lightning_bn.sinks.logger_sink import LoggerSink
 
 __all__ = ["TensorBoardSink"]
@@ -43,23 +42,23 @@ class TensorBoardSink(LoggerSink):
       TensorBoard's record also wants min, max, sum and sum of squares: without ``exact`` they come from the bins,
       min/max as the outer edges of the non-empty bins and sum/sum of squares with every value at its bin centre
       (see :func:`~lightning_bn.sinks.histogram_summary`).
-    * :meth:`log_heatmap` renders the values with :func:`~lightning_bn.sinks.render_heatmap` and writes the image
-      as PNG (the record ``SummaryWriter.add_image`` writes; ``add_image`` itself on tensorboardX).
+    * :meth:`log_heatmap` draws the values with :func:`~lightning_bn.sinks.render_heatmap` (on a log colour scale
+      for the statistics in ``log_scale_stats``) and writes the image with ``add_image`` (TensorBoard's PNG, by
+      Pillow at its default level).
 
     The histogram and image tags are written as given: the logger's ``prefix`` is not added to them.
 
     Args:
         logger: a ``TensorBoardLogger`` (Lightning's or Fabric's).
         category: the custom-scalars category that holds the charts.
-        heatmap_backend: ``"auto"``, ``"pillow"``, ``"matplotlib"`` or ``"numpy"``; see
-            :func:`~lightning_bn.sinks.render_heatmap`.
-        fast_checksums: put ``google-crc32c``'s C checksum in place of TensorBoard's pure-Python one, process-wide
-            (:func:`~lightning_bn.sinks.fast_tensorboard_checksums`; the files are the same). ``self.fast_checksums``
-            tells whether it is in place.
+        log_scale_stats: heatmaps of these statistics are drawn on a log colour scale: those whose tag is one of them
+            or ends in ``/<statistic>`` (``heatmap/act/std``); see :func:`~lightning_bn.sinks.uses_log_scale`. The
+            default, :data:`~lightning_bn.sinks.LOG_SCALE_STATS`, holds the magnitudes (std, RMS, maxima, norms and
+            ratios); ``()`` draws every heatmap on a linear scale.
 
     Raises:
-        TypeError: if ``logger`` is not a ``TensorBoardLogger``.
-        ValueError: if ``category`` is empty or ``heatmap_backend`` unknown.
+        TypeError: if ``logger`` is not a ``TensorBoardLogger`` or ``log_scale_stats`` not a list of str.
+        ValueError: if ``category`` or an entry of ``log_scale_stats`` is empty.
 
     Example::
 
@@ -75,19 +74,13 @@ class TensorBoardSink(LoggerSink):
         self,
         logger: TensorBoardLogger,
         category: str = "lightning_bn",
-        heatmap_backend: str = "auto",
-        fast_checksums: bool = True,
+        log_scale_stats: Collection[str] = LOG_SCALE_STATS,
     ) -> None:
         if not isinstance(logger, TensorBoardLogger):
             raise TypeError(f"`logger` must be a TensorBoardLogger, got {type(logger).__name__}")
         super().__init__(logger)
         self.category = check_tag(category, name="category")
-        if heatmap_backend not in BACKENDS:
-            raise ValueError(f"`heatmap_backend` must be one of {', '.join(BACKENDS)}, got {heatmap_backend!r}")
-        self.heatmap_backend = heatmap_backend
-        # TensorBoard checksums every record in pure Python, holding the GIL: the largest single cost of logging
-        # every step (see lightning_bn.sinks.checksum). Same bytes, computed in C when google-crc32c is there.
-        self.fast_checksums = bool(fast_checksums) and fast_tensorboard_checksums()
+        self.log_scale_stats = check_tags(log_scale_stats, name="log_scale_stats")
         self._charts: dict[str, list[str]] = {}
         self._scalar_cache: tuple[tuple[str, ...], Any] | None = None
 
@@ -140,7 +133,7 @@ class TensorBoardSink(LoggerSink):
         check_tag(tag)
         step = check_step(step)
         edges_arr, counts_arr = check_histogram(edges, counts)
-        summary = histogram_summary(edges_arr, counts_arr, exact)
+        summary = _summarize_bins(edges_arr, counts_arr, check_exact(exact))
         writer = self._experiment()
         if writer is None:
             return
@@ -170,13 +163,10 @@ class TensorBoardSink(LoggerSink):
         writer = self._experiment()
         if writer is None:
             return
-        image = render_heatmap(values_arr, rows, cols, title=tag, backend=self.heatmap_backend)
-        file_writer = getattr(writer, "file_writer", None) if _is_torch_writer(writer) else None
-        if file_writer is None:
-            writer.add_image(tag, image, global_step=step, dataformats="HWC")
-            return
-        # add_image would resample the image (at scale 1) and run Pillow's PNG encoder (benchmarks/writing.py).
-        file_writer.add_summary(image_summary(tag, image), step)
+        image = _draw_heatmap(values_arr, rows, cols, tag, uses_log_scale(tag, self.log_scale_stats))
+        # TensorBoard's own encoder: a lower zlib level would save under a tenth of the cost of drawing the image
+        # (benchmarks/results/writing.md).
+        writer.add_image(tag, image, global_step=step, dataformats="HWC")
 
     @override
     def flush(self) -> None:
@@ -190,36 +180,6 @@ def scalar_summary(values: Mapping[str, float], prefix: str = "") -> Any:
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     return Summary(value=[Summary.Value(tag=prefix + tag, simple_value=value) for tag, value in values.items()])
-
-
-def encode_png(image: np.ndarray, level: int = 1) -> bytes:
-    """An HWC uint8 RGB image as PNG: no row filter, deflated at ``level`` (zlib).
-
-    Heatmaps are flat blocks of colour and text, which deflate compresses well without PNG's row filters; this is
-    ~6x faster than Pillow's encoder at its default level on a heatmap, for a file ~8% larger
-    (``python -m benchmarks.writing``).
-    """
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"`image` must be HWC uint8 RGB, got shape {image.shape} and dtype {image.dtype}")
-    height, width = image.shape[:2]
-    rows = np.zeros((height, width * 3 + 1), dtype=np.uint8)  # each row: filter type 0, then its pixels
-    rows[:, 1:] = image.reshape(height, -1)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, deflate, no interlace
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), level))
-            + chunk(b"IEND", b""))
-
-
-def image_summary(tag: str, image: np.ndarray) -> Any:
-    """A TensorBoard ``Summary`` holding an HWC uint8 RGB image as PNG (the record ``add_image`` writes)."""
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    height, width, channels = image.shape
-    encoded = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=encode_png(image))
-    return Summary(value=[Summary.Value(tag=tag, image=encoded)])
 
 
 def _is_torch_writer(writer: Any) -> bool:

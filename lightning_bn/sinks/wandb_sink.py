@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
-from lightning_bn.sinks._validate import check_heatmap, check_histogram, check_step, check_tag
-from lightning_bn.sinks.heatmap import BACKENDS, render_heatmap
-from lightning_bn.sinks.histogram import merge_bins
+from lightning_bn.sinks._validate import check_exact, check_heatmap, check_histogram, check_step, check_tag, check_tags
+from lightning_bn.sinks.heatmap import LOG_SCALE_STATS, _draw_heatmap, uses_log_scale
+from lightning_bn.sinks.histogram import _merge_checked_bins
 from lightning_bn.sinks.logger_sink import LoggerSink
 
 __all__ = ["WandbSink"]
@@ -27,17 +27,18 @@ class WandbSink(LoggerSink):
 
     * Histograms become ``wandb.Histogram(np_histogram=(counts, edges))``; more than 512 bins (W&B's limit) are
       merged in runs of adjacent bins first (totals and outer edges kept). ``exact`` is not used: W&B stores bins only.
-    * Heatmaps are rendered with :func:`~lightning_bn.sinks.render_heatmap` and logged as ``wandb.Image``.
+    * Heatmaps are drawn with :func:`~lightning_bn.sinks.render_heatmap` (on a log colour scale for the statistics
+      in ``log_scale_stats``) and logged as ``wandb.Image``.
     * :meth:`set_layout` is checked and ignored: W&B groups panels by the ``area/statistic/`` key prefix by itself.
 
     Args:
         logger: a ``WandbLogger``.
-        heatmap_backend: ``"auto"``, ``"pillow"``, ``"matplotlib"`` or ``"numpy"``; see
-            :func:`~lightning_bn.sinks.render_heatmap`.
+        log_scale_stats: heatmaps of these statistics are drawn on a log colour scale, as in
+            :class:`~lightning_bn.sinks.TensorBoardSink`.
 
     Raises:
-        TypeError: if ``logger`` is not a ``WandbLogger``.
-        ValueError: if ``heatmap_backend`` is unknown.
+        TypeError: if ``logger`` is not a ``WandbLogger`` or ``log_scale_stats`` not a list of str.
+        ValueError: if an entry of ``log_scale_stats`` is empty.
 
     Example::
 
@@ -48,13 +49,11 @@ class WandbSink(LoggerSink):
         sink.log_histogram("act/hist/fc", edges=np.linspace(-3, 3, 7), counts=np.array([1, 4, 9, 9, 4, 1]), step=0)
     """
 
-    def __init__(self, logger: WandbLogger, heatmap_backend: str = "auto") -> None:
+    def __init__(self, logger: WandbLogger, log_scale_stats: Collection[str] = LOG_SCALE_STATS) -> None:
         if not isinstance(logger, WandbLogger):
             raise TypeError(f"`logger` must be a WandbLogger, got {type(logger).__name__}")
         super().__init__(logger)
-        if heatmap_backend not in BACKENDS:
-            raise ValueError(f"`heatmap_backend` must be one of {', '.join(BACKENDS)}, got {heatmap_backend!r}")
-        self.heatmap_backend = heatmap_backend
+        self.log_scale_stats = check_tags(log_scale_stats, name="log_scale_stats")
 
     @override
     def log_histogram(
@@ -67,12 +66,13 @@ class WandbSink(LoggerSink):
     ) -> None:
         check_tag(tag)
         step = check_step(step)
-        checked = check_histogram(edges, counts)  # once: the checks of the base class, kept for the merge
+        edges_arr, counts_arr = check_histogram(edges, counts)
+        check_exact(exact)  # checked like every sink's, though W&B stores bins only
         if not self._writes():
             return
         import wandb
 
-        edges_arr, counts_arr = merge_bins(*checked, max_bins=WANDB_MAX_BINS)
+        edges_arr, counts_arr = _merge_checked_bins(edges_arr, counts_arr, max_bins=WANDB_MAX_BINS)
         histogram = wandb.Histogram(np_histogram=(counts_arr.tolist(), edges_arr.tolist()))
         self.logger.log_metrics({tag: histogram}, step)  # type: ignore[dict-item]
 
@@ -87,5 +87,5 @@ class WandbSink(LoggerSink):
             return
         import wandb
 
-        image = render_heatmap(values_arr, rows, cols, title=tag, backend=self.heatmap_backend)
+        image = _draw_heatmap(values_arr, rows, cols, tag, uses_log_scale(tag, self.log_scale_stats))
         self.logger.log_metrics({tag: wandb.Image(image, caption=f"{tag} at step {step}")}, step)  # type: ignore[dict-item]
