@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_bn.layers import CHANNELS_FIRST, channel_dim, tracks_running_stats
+from lightning_bn._checks import check_positive_int
+from lightning_bn.layers import CHANNELS_FIRST, FrozenBatchNorm, channel_dim, tracks_running_stats
 from lightning_bn.moments import COUNT, channel_moments, mean_var, reduce_across_processes
 
 __all__ = [
@@ -165,7 +166,7 @@ def _select(model: nn.Module, modules: Iterable[str | nn.Module] | None) -> tupl
     for name, m in named.items():
         if isinstance(m, _BatchNorm) and not tracks_running_stats(m):
             skipped[name] = "track_running_stats=False"
-        elif not isinstance(m, _BatchNorm) and type(m).__name__.startswith("FrozenBatchNorm"):
+        elif isinstance(m, FrozenBatchNorm):
             skipped[name] = "frozen batch norm"
     candidates = dict(recalibratable_layers(model))
     if modules is None:
@@ -361,9 +362,7 @@ def _limited(batches: Iterable, num_batches: int | None) -> Iterator:
 
 
 def _check_args(batches: Any, num_batches: Any, forward: Any, exact_eval: bool) -> None:
-    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
-                                    or num_batches < 1):
-        raise ValueError(f"`num_batches` must be a positive int or None (all batches), got {num_batches!r}")
+    check_positive_int("num_batches", num_batches, allow_none=True, none_means="all batches")
     if forward is not None and not callable(forward):
         raise TypeError(f"`forward` must be callable as forward(model, batch) or None, got {forward!r}")
     if isinstance(batches, (Tensor, str, bytes)) or not isinstance(batches, Iterable):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "insert_norms",
     "swap_norms",
     "format_report",
+    "replace_modules",
     "DEFAULT_INSERT_AFTER",
 ]
 
@@ -252,21 +253,19 @@ def _all_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def _parents(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Every (parent, attribute, child) edge, so a module used twice is replaced at every place it sits."""
-    edges = []
-    for parent in model.modules():
-        for attr, child in list(parent._modules.items()):
-            if child is not None:
-                edges.append((parent, attr, child))
-    return edges
-
-
 def _device_dtype(module: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
     for t in list(module.parameters()) + list(module.buffers()):
         if t.is_floating_point():
             return t.device, t.dtype
     return None, None
+
+
+def _placed_like(new: nn.Module, old: nn.Module) -> nn.Module:
+    """``new`` on the device and in the floating dtype of ``old`` (where it has tensors), in its training mode."""
+    device, dtype = _device_dtype(old)
+    if device is not None:
+        new = new.to(device=device, dtype=dtype)
+    return new.train(old.training)
 
 
 def _inherited_options(old: nn.Module, kind: str) -> dict[str, Any]:
@@ -313,18 +312,33 @@ def _build_like(old: nn.Module, info: NormInfo, kind: str, options: dict[str, An
             f"cannot swap layer {name or '<root>'!r} ({type(old).__name__}, {info.num_features} channels) "
             f"to {kind!r}: {err}"
         ) from err
-    device, dtype = _device_dtype(old)
-    if device is not None:
-        new = new.to(device=device, dtype=dtype)
+    new = _placed_like(new, old)
     _copy_state(old, new)
-    new.train(old.training)
     return new
 
 
-def _replace(model: nn.Module, mapping: dict[int, nn.Module]) -> None:
-    for parent, attr, child in _parents(model):
-        if id(child) in mapping:
-            setattr(parent, attr, mapping[id(child)])
+def replace_modules(model: nn.Module, replacements: Mapping[int, nn.Module]) -> nn.Module:
+    """Put ``replacements[id(module)]`` in every place a module sits in ``model``; returns the resulting root.
+
+    Every (parent, attribute) edge is visited, so a module used at several places is replaced at all of them by the
+    same new module. ``model`` itself cannot be replaced in the caller's variable: when it is among the modules
+    replaced, its replacement is returned (otherwise ``model``). The new modules are not walked into.
+    """
+    if replacements:
+        for parent in list(model.modules()):
+            for attr, child in list(parent._modules.items()):
+                if child is not None and id(child) in replacements:
+                    parent.add_module(attr, replacements[id(child)])
+    return replacements.get(id(model), model)
+
+
+def _checked_kind(model: Any, kind: str, options: dict[str, Any]) -> str:
+    """The registry name of ``kind``, once ``model`` is a module and ``options`` are options ``kind`` takes."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    kind = normalize_kind(kind)
+    check_options(kind, options)
+    return kind
 
 
 def swap_norms(
@@ -357,10 +371,7 @@ def swap_norms(
         ValueError: unknown kind (lists the kinds), options the kind does not take (names them), or a layer the
             kind cannot be built for (names the layer, its channels and the bad option, e.g. ``num_groups``).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-    kind = normalize_kind(to)
-    check_options(kind, options)
+    kind = _checked_kind(model, to, options)
     include_l, exclude_l = _check_selector("include", include), _check_selector("exclude", exclude)
 
     names = _all_names(model)
@@ -389,9 +400,7 @@ def swap_norms(
         new = _build_like(module, info, kind, options, module_names[0])
         mapping[id(module)] = new
         records.append(SwapRecord(module_names[0], module, new, tuple(module_names[1:])))
-    root = mapping.get(id(model), model)
-    _replace(model, mapping)
-    return SwapReport(records, root)
+    return SwapReport(records, replace_modules(model, mapping))
 
 
 class _InsertedNorm:
@@ -437,10 +446,7 @@ def insert_norms(
     Returns:
         A :class:`SwapReport` whose records name each layer that got a norm (``old`` is None, ``new`` the norm).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-    kind = normalize_kind(kind)
-    check_options(kind, options)
+    kind = _checked_kind(model, kind, options)
     after_t = tuple(after)
     if not after_t or not all(isinstance(c, type) and issubclass(c, nn.Module) for c in after_t):
         raise TypeError(f"`after` must be a sequence of nn.Module classes, got {after!r}")
@@ -474,11 +480,7 @@ def insert_norms(
             raise ValueError(
                 f"cannot insert {kind!r} after layer {module_names[0]!r} ({channels} channels): {err}"
             ) from err
-        device, dtype = _device_dtype(module)
-        if device is not None:
-            norm = norm.to(device=device, dtype=dtype)
-        norm.train(module.training)
-        built.append((module, norm, module_names))
+        built.append((module, _placed_like(norm, module), module_names))
     records = []
     for module, norm, module_names in built:
         module.add_module("norm", norm)

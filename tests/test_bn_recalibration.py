@@ -251,7 +251,7 @@ def test_when_and_every_n_epochs_schedule() -> None:
 
 
 def test_constructor_errors_name_the_argument_and_state_round_trips() -> None:
-    with pytest.raises(MisconfigurationException, match="`when` can be validation_start, .*got 'val'"):
+    with pytest.raises(MisconfigurationException, match="`when` must be one of validation_start, .*got 'val'"):
         BatchNormRecalibration(when="val")
     with pytest.raises(MisconfigurationException, match="`every_n_epochs` must be a positive int, got 0"):
         BatchNormRecalibration(every_n_epochs=0)

@@ -341,7 +341,7 @@ def test_ghost_batch_norm_state_dict_is_batch_norms() -> None:
     assert list(ghost.state_dict()) == list(bn.state_dict())
     ghost.load_state_dict(bn.state_dict())
     torch.testing.assert_close(ghost.state_dict(), bn.state_dict())
-    with pytest.raises(ValueError, match=r"`virtual_batch_size` must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match=r"`virtual_batch_size` must be a positive int, got 0"):
         GhostBatchNorm(6, virtual_batch_size=0)
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -17,7 +19,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_bn.callbacks import LossLandscapeProbe
+from lightning_bn.callbacks import LayerStatsMonitor, LossLandscapeProbe
 from lightning_bn.callbacks.loss_landscape import LandscapeMeasurement, measure_landscape
 from lightning_bn.layers import BatchRenorm
 from tests.dist import run_distributed
@@ -144,6 +146,20 @@ def test_restored_when_an_exception_passes() -> None:
         measure_landscape(failing_loss, list(model.parameters()), ETAS, modules=model)
     assert len(calls) == 3
     assert_same(before, snapshot(model))
+
+
+def test_warns_when_placed_after_a_layer_stats_monitor() -> None:
+    class MyMonitor(LayerStatsMonitor):  # a subclass is a monitor too
+        pass
+
+    module = SimpleNamespace(automatic_optimization=True)
+    for monitor_cls in (LayerStatsMonitor, MyMonitor):
+        probe, monitor = LossLandscapeProbe(), monitor_cls()
+        with pytest.warns(UserWarning, match="comes after LayerStatsMonitor"):
+            probe.setup(SimpleNamespace(callbacks=[monitor, probe]), module, "fit")  # type: ignore[arg-type]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            probe.setup(SimpleNamespace(callbacks=[probe, monitor]), module, "fit")  # type: ignore[arg-type]
 
 
 def test_bad_arguments() -> None:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
+from lightning_bn._checks import check_choice, check_positive_int
 from lightning_bn.recalibrate import ForwardFn, RecalibrationReport, default_forward, recalibrate_bn
 
 __all__ = ["BatchNormRecalibration", "should_recalibrate", "fresh_loader"]
@@ -156,16 +157,11 @@ class BatchNormRecalibration(Callback):
         progress: bool | None = None,
         log: bool = True,
     ) -> None:
-        if when not in WHEN:
-            raise MisconfigurationException(f"`when` can be {', '.join(WHEN)}, got {when!r}")
-        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise MisconfigurationException(f"`every_n_epochs` must be a positive int, got {every_n_epochs!r}")
-        if num_batches is not None and (
-            isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
-        ):
-            raise MisconfigurationException(
-                f"`num_batches` must be a positive int or None (the whole loader), got {num_batches!r}"
-            )
+        check_choice("when", when, WHEN, error=MisconfigurationException)
+        check_positive_int("every_n_epochs", every_n_epochs, error=MisconfigurationException)
+        check_positive_int(
+            "num_batches", num_batches, allow_none=True, none_means="the whole loader", error=MisconfigurationException
+        )
         if when == "test_start" and dataloader is None:
             raise MisconfigurationException(
                 "`when='test_start'` adapts the statistics to new data: pass the data as `dataloader`"

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_bn._checks import check_positive_int
 from lightning_bn.moments import distributed_world_size
 from lightning_bn.stats import (
     ACTIVATION_GRAD_STATS,
@@ -67,12 +68,7 @@ def heatmap_matrix(
 
 
 def _check_every(name: str, value: int | None, allow_none: bool = True) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "a positive int or None" if allow_none else "a positive int"
-        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
-    return value
+    return check_positive_int(name, value, allow_none=allow_none)
 
 
 class LayerStatsMonitor(Callback):

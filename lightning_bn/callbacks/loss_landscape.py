@@ -16,6 +16,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_bn._checks import check_positive_int
+from lightning_bn.callbacks.layer_stats_monitor import LayerStatsMonitor
 from lightning_bn.moments import distributed_world_size, reduce_across_processes
 
 __all__ = ["LandscapeMeasurement", "LossLandscapeProbe", "measure_landscape"]
@@ -81,15 +83,9 @@ def check_step_sizes(step_sizes: Any) -> list[float]:
     return values
 
 
-def _rng_state() -> tuple[Tensor, list[Tensor] | None]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
+def _cuda_devices() -> list[int]:
+    """Every CUDA device once CUDA is in use (none before: asking for their RNG state would initialize CUDA)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
 
 
 def measure_landscape(
@@ -129,14 +125,14 @@ def measure_landscape(
     modes = [(m, m.training) for m in modules.modules()] if modules is not None else []
     saved_params = [p.detach().clone() for p in params]
     saved_buffers = [b.detach().clone() for b in buffers]
-    rng = _rng_state()
+    devices = _cuda_devices()
 
     def evaluate() -> tuple[float, list[Tensor]]:
-        _set_rng_state(rng)
         with torch.no_grad():
             for b, saved in zip(buffers, saved_buffers):
                 b.copy_(saved)
-        with torch.enable_grad():
+        # Each evaluation draws from the RNG state the probe started with, which is also left as it was.
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
             loss = loss_fn()
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise ValueError(f"the probe's loss must be a scalar tensor, got {loss!r:.200}")
@@ -169,14 +165,7 @@ def measure_landscape(
                 b.copy_(saved)
         for m, training in modes:
             m.training = training
-        _set_rng_state(rng)
     return LandscapeMeasurement(etas, loss0, losses, grad_norm, diffs)
-
-
-def _check_every(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`every_n_steps` must be a positive int, got {value!r}")
-    return value
 
 
 class LossLandscapeProbe(Callback):
@@ -240,7 +229,7 @@ class LossLandscapeProbe(Callback):
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
-        self.every_n_steps = _check_every(every_n_steps)
+        self.every_n_steps: int = check_positive_int("every_n_steps", every_n_steps)
         self.step_sizes = check_step_sizes(step_sizes)
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable as loss_fn(pl_module, batch) or None, got {loss_fn!r}")
@@ -270,7 +259,7 @@ class LossLandscapeProbe(Callback):
                 "the optimizer; pass `loss_fn=lambda pl_module, batch: ...` returning the loss, got loss_fn=None"
             )
         callbacks: list[Callback] = list(getattr(trainer, "callbacks", []))
-        monitors = [i for i, cb in enumerate(callbacks) if type(cb).__name__ == "LayerStatsMonitor"]
+        monitors = [i for i, cb in enumerate(callbacks) if isinstance(cb, LayerStatsMonitor)]
         if monitors and self in callbacks and monitors[0] < callbacks.index(self):
             rank_zero_warn(
                 "LossLandscapeProbe comes after LayerStatsMonitor in the callbacks: on steps both act, the monitor "

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_bn.layers._layout import CHANNELS_FIRST, CHANNELS_LAST, channel_dim, check_layout
+from lightning_bn._checks import check_positive_int
+from lightning_bn.layers._layout import CHANNELS_FIRST, CHANNELS_LAST, channel_dim, check_layout, per_channel
 from lightning_bn.moments import (
     COUNT,
     accumulation_dtype,
@@ -31,12 +32,6 @@ __all__ = ["BatchNormNd", "BatchNormChannelsLast", "BatchRenorm", "GhostBatchNor
 def _as_channels_first(x: Tensor, layout: str) -> Tensor:
     """A ``(M, C)`` view for channels-last input (what ``F.batch_norm`` takes); channels-first unchanged."""
     return x.reshape(-1, x.shape[-1]) if layout == CHANNELS_LAST else x
-
-
-def _broadcast(t: Tensor, x: Tensor, cdim: int) -> Tensor:
-    shape = [1] * x.dim()
-    shape[cdim] = -1
-    return t.view(shape)
 
 
 class BatchNormNd(_BatchNorm):
@@ -199,9 +194,10 @@ class BatchRenorm(_LayoutBatchNorm):
             rmax, dmax = self._bounds(std.dtype)
             r = (std / running_std).clamp(1.0 / rmax, rmax)
             d = ((mean - self.running_mean) / running_std).clamp(-dmax, dmax)
-        x_hat = (input - _broadcast(mean, input, cdim)) * _broadcast(r / std, input, cdim) + _broadcast(d, input, cdim)
+        ndim = input.dim()
+        x_hat = (input - per_channel(mean, ndim, cdim)) * per_channel(r / std, ndim, cdim) + per_channel(d, ndim, cdim)
         if self.affine:
-            x_hat = x_hat * _broadcast(self.weight, input, cdim) + _broadcast(self.bias, input, cdim)
+            x_hat = x_hat * per_channel(self.weight, ndim, cdim) + per_channel(self.bias, ndim, cdim)
         self._update_running_stats(mean.detach(), var.detach() * bessel)
         return x_hat.to(input.dtype)  # float32 r, d and running stats would otherwise promote half input
 
@@ -234,10 +230,9 @@ class GhostBatchNorm(_LayoutBatchNorm):
         device: Any = None,
         dtype: Any = None,
     ) -> None:
-        if int(virtual_batch_size) < 1:
-            raise ValueError(f"`virtual_batch_size` must be a positive integer, got {virtual_batch_size}")
+        virtual_batch_size = check_positive_int("virtual_batch_size", virtual_batch_size)
         super().__init__(num_features, eps, momentum, affine, True, layout, device=device, dtype=dtype)
-        self.virtual_batch_size = int(virtual_batch_size)
+        self.virtual_batch_size = virtual_batch_size
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -319,7 +314,8 @@ class FrozenBatchNorm(nn.Module):
         shift = -self.running_mean * scale
         if self.bias is not None:
             shift = shift + self.bias
-        return input * _broadcast(scale.to(input.dtype), input, cdim) + _broadcast(shift.to(input.dtype), input, cdim)
+        ndim = input.dim()
+        return input * per_channel(scale.to(input.dtype), ndim, cdim) + per_channel(shift.to(input.dtype), ndim, cdim)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         # Checkpoints of frozen batch norm from other libraries often lack the counter.

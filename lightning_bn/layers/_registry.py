@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_bn._checks import check_positive_int
 from lightning_bn.layers._batch import BatchNormChannelsLast, BatchNormNd, BatchRenorm, FrozenBatchNorm, GhostBatchNorm
 from lightning_bn.layers._channel import (
     GroupNormChannelsLast,
@@ -203,8 +204,7 @@ def build_norm(
             or a bad option value.
     """
     check_layout(layout)
-    if not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"`num_features` must be a positive int, got {num_features!r}")
+    check_positive_int("num_features", num_features)
     if dims is not None and dims not in (1, 2, 3):
         raise ValueError(f"`dims` must be 1, 2, 3 or None, got {dims!r}")
     if callable(kind) and not isinstance(kind, str):

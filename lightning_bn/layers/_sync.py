@@ -17,16 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_bn.layers._batch import _LayoutBatchNorm
-from lightning_bn.layers._layout import CHANNELS_FIRST, CHANNELS_LAST, channel_dim
+from lightning_bn.layers._layout import CHANNELS_FIRST, CHANNELS_LAST, channel_dim, per_channel
 from lightning_bn.moments import COUNT, all_reduce_sum, channel_moments, distributed_world_size, mean_var
 
 __all__ = ["SyncBatchNorm"]
-
-
-def _broadcast(t: Tensor, ndim: int, cdim: int) -> Tensor:
-    shape = [1] * ndim
-    shape[cdim] = -1
-    return t.view(shape)
 
 
 class SyncBatchNorm(_LayoutBatchNorm):
@@ -136,5 +130,5 @@ class SyncBatchNorm(_LayoutBatchNorm):
         if self.bias is not None:
             shift = shift + self.bias.to(shift.dtype)
         ndim = input.dim()
-        out = input.to(scale.dtype) * _broadcast(scale, ndim, cdim) + _broadcast(shift, ndim, cdim)
+        out = input.to(scale.dtype) * per_channel(scale, ndim, cdim) + per_channel(shift, ndim, cdim)
         return out.to(input.dtype)

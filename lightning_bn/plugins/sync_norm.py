@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +19,7 @@ from lightning_bn.layers import (
     GhostBatchNorm,
     SyncBatchNorm,
 )
+from lightning_bn.swap import replace_modules
 
 __all__ = ["SyncNormPlugin"]
 
@@ -164,7 +164,7 @@ class SyncNormPlugin(LayerSync):
                     f"`model` is itself a batch-norm layer ({type(model).__name__}); SyncNormPlugin converts the "
                     "layers inside a LightningModule"
                 )
-            _replace_children(model, {k: r.replacement for k, r in replacements.items()})
+            replace_modules(model, {k: r.replacement for k, r in replacements.items() if r.replacement is not None})
         except BaseException:
             self.revert(model)
             raise
@@ -192,20 +192,10 @@ class SyncNormPlugin(LayerSync):
                 restore_from_sync(record.original, record.replacement)  # type: ignore[arg-type]
                 back[id(record.replacement)] = record.original
         self._records = []
-        _replace_children(model, back)
+        replace_modules(model, back)
         return model
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled into spawned processes before `apply`; the records belong to the process that applied.
         return {"_records": []}
 
-
-def _replace_children(model: nn.Module, mapping: Mapping[int, nn.Module | None]) -> None:
-    """Set every child of every module found in ``mapping`` (by object id) to its replacement."""
-    if not mapping:
-        return
-    for parent in list(model.modules()):
-        for attr, child in list(parent._modules.items()):
-            new = mapping.get(id(child)) if child is not None else None
-            if new is not None:
-                parent._modules[attr] = new
