@@ -11,13 +11,19 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_bn.layers import BatchNormChannelsLast, FrozenBatchNorm
-from lightning_bn.moments import tensor_summary
+from lightning_bn.moments import SUMMARY_FIELDS, summary_to_figures, tensor_summary
 from lightning_bn.stats import (
+    ACTIVATION_STATS,
     ALERT_KINDS,
+    TENSOR_FIELDS,
+    TENSOR_STATS,
     AlertThresholds,
     LayerStats,
     LayerStatsCollector,
+    Layout,
     LogBins,
+    TensorField,
+    TensorStat,
     bin_counts,
     find_alerts,
     histogram_edges,
@@ -500,3 +506,132 @@ def test_parameter_norms_with_mixed_dtypes() -> None:
     for name, p in model.named_parameters():
         assert s[f"param/norm/{name}"] == pytest.approx(p.double().norm().item(), rel=1e-6), name
         assert s[f"grad/norm/{name}"] == pytest.approx(math.sqrt(p.numel()), rel=1e-6), name
+
+
+# ---------------------------------------------------------------------------------------------------- named fields
+def test_layout_places_fields_by_name_reduced_ones_first() -> None:
+    layout = Layout([("a.count", 3, "sum"), ("norms", 2, "local"), ("a.abs_max", 3, "max"), ("hist", (2, 4), "sum")])
+    assert [f.name for f in layout.fields.values()] == ["a.count", "a.abs_max", "hist", "norms"]
+    assert layout.size == 16 and layout.reduced_size == 14
+    assert layout.fields["a.abs_max"].slice == slice(3, 6) and layout.fields["norms"].slice == slice(14, 16)
+    assert layout.max_mask().tolist() == [False] * 3 + [True] * 3 + [False] * 8
+    host = np.zeros(layout.size)
+    views = layout.views(host)
+    views["hist"][1] = [1.0, 2.0, 3.0, 4.0]  # views write through to the buffer
+    views["norms"][:] = 7.0
+    assert host[10:14].tolist() == [1.0, 2.0, 3.0, 4.0] and host[14:].tolist() == [7.0, 7.0]
+    buffer = torch.from_numpy(host)
+    assert layout.views(buffer)["hist"].shape == (2, 4) and set(layout.views(buffer)) == set(layout.fields)
+    with pytest.raises(ValueError, match=r"field 'x' is declared twice"):
+        Layout([("x", 1, "sum"), ("x", 2, "max")])
+    with pytest.raises(ValueError, match=r"field 'x': the reduction must be one of sum, max, local, got 'mean'"):
+        Layout([("x", 1, "mean")])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"the buffer must have shape \(16,\)"):
+        layout.views(np.zeros(3))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_accumulate_folds_rows_by_the_field_reduction(backend: str) -> None:
+    from lightning_bn.stats._fields import accumulate
+
+    index, values = [0, 2, 0, 2, 2], [1.0, 5.0, 3.0, 2.0, 4.0]
+    for reduce, expected in (("sum", [4.0, 0.0, 11.0]), ("max", [3.0, 0.0, 5.0])):
+        if backend == "numpy":
+            view = np.zeros(3)
+            accumulate(view, reduce, np.asarray(index), np.asarray(values))
+            assert view.tolist() == expected
+        else:
+            t = torch.zeros(3, dtype=D)
+            accumulate(t, reduce, torch.tensor(index), torch.tensor(values, dtype=torch.float32))
+            assert t.tolist() == expected
+
+
+def test_tensor_stats_are_the_moments_definitions() -> None:
+    # the figures by name from the fields are those of moments.summary_to_figures on the same summaries
+    assert tuple(f.name for f in TENSOR_FIELDS) == SUMMARY_FIELDS and ACTIVATION_STATS == tuple(summary_to_figures(
+        np.zeros((1, 6))))
+    rng = np.random.default_rng(1)
+    table = np.abs(rng.normal(size=(7, 6))) * np.array([50.0, 3.0, 80.0, 4.0, 10.0, 2.0])
+    table[0] = 0.0
+    table[1, 2] = 0.0
+    fields = {name: table[:, k] for k, name in enumerate(SUMMARY_FIELDS)}
+    ref = summary_to_figures(table)
+    for stat in TENSOR_STATS:
+        np.testing.assert_allclose(stat.figure(fields), ref[stat.name], rtol=1e-12, atol=0, err_msg=stat.name)
+
+
+def test_figures_are_a_pure_function_of_named_fields() -> None:
+    from lightning_bn.stats._figures import FigureSpec, compute_figures, tensor_keys
+
+    names = ("a", "b")
+    spec = FigureSpec(names=names, keys={"act": tuple(tensor_keys("", "act", n) for n in names)}, order=(1, 0))
+    fields = {f"act.{name}": np.asarray(v, dtype=np.float64) for name, v in {
+        "count": [4.0, 0.0], "sum": [2.0, 0.0], "sum_sq": [5.0, 0.0], "abs_max": [2.0, 0.0], "zeros": [1.0, 0.0],
+        "nonfinite": [0.0, 0.0]}.items()}
+    stats = compute_figures(fields, spec)
+    assert stats.order == ["b", "a"]
+    assert stats.scalars == {"act/mean/a": 0.5, "act/std/a": pytest.approx(math.sqrt(5 / 4 - 0.25)),
+                             "act/rms/a": pytest.approx(math.sqrt(5 / 4)), "act/abs_max/a": 2.0,
+                             "act/frac_zero/a": 0.25, "act/frac_nonfinite/a": 0.0}  # "b" saw nothing: no keys
+
+
+def test_a_statistic_added_in_one_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One field with its measure and reduction, one figure from named fields: keys, layout, micro-batch and gradient
+    # figures follow (a negative control first: without the entries there is no such key).
+    import lightning_bn.stats._fields as fields_module
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 6), nn.LayerNorm(6), nn.Linear(6, 2)).to(D)
+    x = torch.randn(8, 3, dtype=D)
+
+    def collect(chunks: int) -> dict[str, float]:
+        collector = LayerStatsCollector(select_modules(model))
+        collector.attach()
+        for part in x.chunk(chunks):
+            model(part).pow(2).sum().backward()
+        collector.detach()
+        return collector.finalize().scalars
+
+    assert not any("/frac_neg/" in k for k in collect(1))
+    negatives = TensorField("negatives", "sum", measure=lambda t: (t < 0).sum())
+    frac_neg = TensorStat("frac_neg", ("negatives", "count", "nonfinite"),
+                          lambda f: f["negatives"] / np.maximum(f["count"] + f["nonfinite"], 1.0), gradients=True)
+    monkeypatch.setattr(fields_module, "TENSOR_FIELDS", TENSOR_FIELDS + (negatives,))
+    monkeypatch.setattr(fields_module, "TENSOR_STATS", TENSOR_STATS + (frac_neg,))
+    one, four = collect(1), collect(4)
+    h = model[0](x)
+    h.retain_grad()
+    out = model[2](model[1](h))
+    out.pow(2).sum().backward()
+    assert one["act/frac_neg/0"] == pytest.approx((h < 0).double().mean().item())
+    assert one["act_in/frac_neg/1"] == one["act/frac_neg/0"]
+    assert one["act_grad/frac_neg/0"] == pytest.approx((h.grad < 0).double().mean().item())
+    assert one.keys() == four.keys()
+    for key, value in one.items():
+        assert four[key] == pytest.approx(value, rel=1e-10, abs=1e-14), key
+
+
+def test_each_attach_starts_a_fresh_collection() -> None:
+    net = _net()
+    x1, x2 = torch.randn(4, 2, 4, 4, dtype=D), torch.randn(6, 2, 4, 4, dtype=D)
+    reused = LayerStatsCollector(select_modules(net))
+    reused.attach()
+    net(x1).sum().backward()
+    reused.detach()
+    reused.finalize()
+    net.zero_grad()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    fresh = LayerStatsCollector(select_modules(net))
+    results = []
+    for collector in (reused, fresh):
+        net.load_state_dict(state)
+        collector.attach()
+        assert collector.forwards == 0 and collector.summaries == 0
+        net(x2).sum().backward()
+        collector.record_params()
+        collector.detach()
+        results.append(collector.finalize().scalars)
+        net.zero_grad()
+    assert results[0].keys() == results[1].keys()
+    for key, value in results[1].items():
+        assert results[0][key] == pytest.approx(value, rel=1e-12, abs=1e-15), key

@@ -2,7 +2,10 @@
 
 * :func:`select_modules` -- which modules to watch (default: every normalization, conv and linear layer).
 * :class:`LayerStatsCollector` -- hooks that exist only between ``attach`` and ``detach`` and add sufficient
-  statistics to an on-device buffer; ``finalize`` reduces it across processes in one collective and transfers it once.
+  statistics to named fields of one on-device buffer; ``finalize`` reduces it across processes in one collective,
+  transfers it once and computes the figures from the named fields.
+* :class:`Layout` -- the named fields of such a buffer, each with its reduction (``"sum"``, ``"max"``, ``"local"``);
+  :data:`TENSOR_FIELDS` and :data:`TENSOR_STATS` -- the per-tensor sufficient statistics and figures.
 * :class:`LogBins`, :func:`bin_counts` -- histograms binned on the device with edges shared by construction.
 * :func:`find_alerts` -- health alerts from a step's figures.
 """
@@ -15,6 +18,7 @@ from lightning_bn.stats._collector import (
     LayerStatsCollector,
     in_backward_pass,
 )
+from lightning_bn.stats._fields import TENSOR_FIELDS, TENSOR_STATS, Layout, TensorField, TensorStat
 from lightning_bn.stats._histogram import LogBins, bin_counts, histogram_edges, trim_histogram
 from lightning_bn.stats._select import DEFAULT_WATCH_TYPES, NORM_TYPES, has_batch_stats, is_norm, select_modules
 from lightning_bn.stats._summary import summarize
@@ -27,8 +31,13 @@ __all__ = [
     "DEFAULT_WATCH_TYPES",
     "LayerStats",
     "LayerStatsCollector",
+    "Layout",
     "LogBins",
     "NORM_TYPES",
+    "TENSOR_FIELDS",
+    "TENSOR_STATS",
+    "TensorField",
+    "TensorStat",
     "bin_counts",
     "find_alerts",
     "has_batch_stats",
