@@ -31,12 +31,10 @@ class Pair(nn.Module):
 
 
 class Tiny(L.LightningModule):
-    def __init__(self, fail_at: int | None = None, compile_net: bool = False) -> None:
+    def __init__(self, fail_at: int | None = None) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
-        if compile_net:
-            self.net = torch.compile(self.net, backend="eager")
         self.pair = Pair()
         self.head = nn.Linear(4, 1)
         self.fail_at = fail_at
@@ -249,7 +247,7 @@ def test_validation_only_collects_all_validation_batches() -> None:
     assert monitor.collected_steps == [0] and monitor.hook_calls == 3 * 3  # three batches
 
 
-# ------------------------------------------------------------------------------------------------ alerts, compile
+# ------------------------------------------------------------------------------------------------ alerts
 def test_dead_layer_alert_warns_once_and_counts() -> None:
     model = Tiny()
     with torch.no_grad():
@@ -266,19 +264,6 @@ def test_dead_layer_alert_warns_once_and_counts() -> None:
     fresh = LayerStatsMonitor()
     fresh.load_state_dict(state)
     assert fresh.alert_counts["dead"] == 3 and fresh.state_dict() == state
-
-
-def test_compiled_submodule_gives_one_clear_warning() -> None:
-    model = Tiny(compile_net=True)
-    monitor = LayerStatsMonitor(log_every_n_steps=1)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _trainer(monitor, max_steps=2).fit(model, _loader(_data()))
-    compiled = [w for w in caught if "compiled with torch.compile" in str(w.message)]
-    assert len(compiled) == 1 and "net" in str(compiled[0].message)
-    assert "act/std/head" in monitor.last_metrics  # modules outside the compiled part are measured
-    assert "grad/norm/net._orig_mod.0.weight" in monitor.last_metrics  # parameters of compiled ones too
-    assert _hooks(model) == 0
 
 
 # ------------------------------------------------------------------------------------------------ TensorBoard

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import lightning.pytorch as pl
@@ -86,6 +87,13 @@ class LayerStatsMonitor(Callback):
 
     Watched modules (default: every normalization, conv and linear layer) are chosen when training (or
     validation) starts, after callbacks such as :class:`~lightning_bn.callbacks.NormSwap` changed the model.
+
+    ``torch.compile``: ``trainer.fit(torch.compile(model))``, ``self.net = torch.compile(self.net)`` and
+    ``module.compile()`` give the same figures and keys as the eager model (no ``_orig_mod`` in a name). A logging
+    step's forward and backward run eagerly, under ``torch.compiler.set_stance("force_eager")`` (restored at its
+    optimizer step, and when an exception passes), so every hook fires and nothing is traced or recompiled with the
+    hooks; the other steps run the compiled graphs of a run without the monitor. Modules that run as TorchScript get
+    a one-time warning naming the figures they lack.
 
     Logged metrics (``<module>`` is a watched module's name, ``<param>`` one of its own parameters' names)::
 
@@ -224,6 +232,7 @@ class LayerStatsMonitor(Callback):
         self._loss_scale = 1.0
         self._sinks: list[Any] | None = None
         self._logs = 0
+        self._eager: ExitStack | None = None  # the compiler's stance while a collection runs eagerly
 
     # ------------------------------------------------------------------ pure logic
     @staticmethod
@@ -240,16 +249,7 @@ class LayerStatsMonitor(Callback):
                 f"LayerStatsMonitor watches no module of {type(pl_module).__name__} "
                 f"(include={self.include!r}, exclude={self.exclude!r}); nothing will be logged.",
             )
-        compiled = [name for name, m in pl_module.named_modules() if hasattr(m, "_orig_mod")]
-        if compiled:
-            self._warn_once(
-                "compiled",
-                f"LayerStatsMonitor: {', '.join(compiled)} is compiled with torch.compile; hooks added after "
-                "compilation do not fire inside compiled code, so activation and activation-gradient figures of the "
-                "modules inside are missing; parameter figures still work. Leave the watched modules uncompiled "
-                "(or compile the whole model only in runs without the monitor).",
-            )
-        return LayerStatsCollector(
+        collector = LayerStatsCollector(
             modules,
             activations=self.activations,
             activation_grads=self.activation_grads and not validation,
@@ -260,6 +260,26 @@ class LayerStatsMonitor(Callback):
             bins=self.bins,
             prefix="val_" if validation else "",
         )
+        missing = unseen_figures(collector)
+        if missing:
+            self._warn_once(
+                "torchscript",
+                f"LayerStatsMonitor: {', '.join(collector.unhooked)} run as TorchScript, where Python hooks do not "
+                f"fire: their {', '.join(missing)} figures are missing (their parameter figures are logged).",
+            )
+        return collector
+
+    def _run_eagerly(self) -> None:
+        """Until :meth:`_compile_again`, every ``torch.compile``'d region runs eagerly, its hooks included."""
+        if self._eager is None and hasattr(torch.compiler, "set_stance"):  # torch >= 2.6
+            stack = ExitStack()
+            stack.enter_context(torch.compiler.set_stance("force_eager"))  # restores the stance it found
+            self._eager = stack
+
+    def _compile_again(self) -> None:
+        stack, self._eager = self._eager, None
+        if stack is not None:
+            stack.close()
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -267,6 +287,7 @@ class LayerStatsMonitor(Callback):
             rank_zero_warn(message, category=UserWarning)
 
     def _detach_all(self) -> None:
+        self._compile_again()
         for collector in (self._train, self._val):
             if collector is not None:
                 collector.detach()
@@ -286,6 +307,7 @@ class LayerStatsMonitor(Callback):
         every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 50)  # set by the Trainer
         collect, hist = self.should_collect(trainer.global_step, every, self.histogram_every_n_steps)
         if collect:
+            self._run_eagerly()  # from the step's first micro-batch to its optimizer step
             self._train.attach(histograms=hist)
             self._step, self._stepped = trainer.global_step, False
 
@@ -296,6 +318,7 @@ class LayerStatsMonitor(Callback):
         if self._train is None or not self._train.attached:
             return
         # Lightning calls this hook after the closure: gradients are averaged across processes and unscaled.
+        self._compile_again()  # forward and backward are done: the optimizer step runs as it would without us
         params = [p for group in optimizer.param_groups for p in group["params"]]
         self._train.record_params(params)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -310,6 +333,7 @@ class LayerStatsMonitor(Callback):
         collector = self._train
         if collector is None or not collector.attached or not self._stepped:
             return  # not collecting, or a micro-batch before the optimizer step
+        self._compile_again()  # (already, unless a step went by without on_before_optimizer_step)
         collector.record_updates()
         collector.detach()
         step = self._step if self._step is not None else trainer.global_step
@@ -324,6 +348,7 @@ class LayerStatsMonitor(Callback):
         if not self.log_validation or trainer.sanity_checking:
             return
         self._val = self._collector(pl_module, validation=True)
+        self._run_eagerly()
         self._val.attach(histograms=False)
 
     @override
@@ -331,6 +356,7 @@ class LayerStatsMonitor(Callback):
         collector = self._val
         if collector is None or not collector.attached:
             return
+        self._compile_again()
         collector.detach()
         stats = collector.finalize(self.process_group)
         self._after_collection(trainer, collector, stats, trainer.global_step, prefix="val_")
@@ -355,9 +381,9 @@ class LayerStatsMonitor(Callback):
         if collector.forwards == 0 and collector.modules and self.activations:
             self._warn_once(
                 "no_forward",
-                f"LayerStatsMonitor: no watched module ran a hooked forward on step {step}. Modules run inside "
-                "torch.compile'd code (compiled before the hooks were added) cannot be hooked; their activation "
-                "figures are missing.",
+                f"LayerStatsMonitor: no watched module ran a hooked forward on step {step}, so its activation "
+                "figures are missing. Modules called other than through nn.Module.__call__ (their forward called "
+                "directly, TorchScript, CUDA-graph replays) run no hooks.",
             )
         alerts = find_alerts(stats, self.alert_thresholds, prefix=prefix)
         metrics = dict(stats.scalars)
@@ -406,6 +432,18 @@ class LayerStatsMonitor(Callback):
         self.alert_counts.update(state_dict.get("alert_counts", {}))
         self._warned = set(state_dict.get("warned", []))
         self._logs = int(state_dict.get("logs", 0))
+
+
+def unseen_figures(collector: LayerStatsCollector) -> list[str]:
+    """The figures missing for the collector's TorchScript modules (``collector.unhooked``), as key globs.
+
+    A scripted module is no instance of its torch class (``torch.jit.script(nn.BatchNorm2d(8))`` is a
+    ``RecursiveScriptModule``), so it is watched as a plain module: the output and gradient figures are those it lacks.
+    """
+    if not collector.unhooked:
+        return []
+    missing = [f"{collector.prefix}act/*"] if collector.activations else []
+    return missing + ([f"{collector.prefix}act_grad/*"] if collector.activation_grads else [])
 
 
 def _finite(exact: dict[str, float] | None) -> dict[str, float] | None:

@@ -8,6 +8,7 @@
   :data:`TENSOR_FIELDS` and :data:`TENSOR_STATS` -- the per-tensor sufficient statistics and figures.
 * :class:`LogBins`, :func:`bin_counts` -- histograms binned on the device with edges shared by construction.
 * :func:`find_alerts` -- health alerts from a step's figures.
+* :func:`uncompiled_name` -- a module's name without the ``_orig_mod`` of ``torch.compile`` wrappers.
 """
 
 from lightning_bn.stats._alerts import ALERT_KINDS, AlertThresholds, find_alerts
@@ -20,6 +21,7 @@ from lightning_bn.stats._collector import (
 )
 from lightning_bn.stats._fields import TENSOR_FIELDS, TENSOR_STATS, Layout, TensorField, TensorStat
 from lightning_bn.stats._histogram import LogBins, bin_counts, histogram_edges, trim_histogram
+from lightning_bn.stats._names import compiled_wrappers, uncompiled_name
 from lightning_bn.stats._select import DEFAULT_WATCH_TYPES, NORM_TYPES, has_batch_stats, is_norm, select_modules
 from lightning_bn.stats._summary import summarize
 
@@ -39,6 +41,7 @@ __all__ = [
     "TensorField",
     "TensorStat",
     "bin_counts",
+    "compiled_wrappers",
     "find_alerts",
     "has_batch_stats",
     "histogram_edges",
@@ -47,4 +50,5 @@ __all__ = [
     "select_modules",
     "summarize",
     "trim_histogram",
+    "uncompiled_name",
 ]

@@ -46,6 +46,7 @@ from lightning_bn.stats._fields import (
 )
 from lightning_bn.stats._figures import AREAS, FigureSpec, LayerStats, area_stats, compute_figures, tensor_keys
 from lightning_bn.stats._histogram import LogBins, bin_counts
+from lightning_bn.stats._names import uncompiled_modules
 from lightning_bn.stats._select import has_batch_stats, is_norm
 from lightning_bn.stats._summary import summary_row
 
@@ -152,6 +153,9 @@ class LayerStatsCollector:
         dtype: accumulation dtype of the buffer (float64 keeps sums over many micro-batches exact).
         prefix: put before every metric key (e.g. ``"val_"`` gives ``val_act/std/<module>``).
 
+    Modules that run as TorchScript (``torch.jit.ScriptModule``, listed in ``unhooked``) get no hook: Python hooks do
+    not run there. Their parameter figures and batch-norm scales are still collected.
+
     Raises:
         ValueError: ``zero_tol`` or ``gamma_tol`` negative, or a module listed twice under different names.
     """
@@ -179,7 +183,7 @@ class LayerStatsCollector:
             if id(module) in seen:
                 raise ValueError(f"`modules` lists one module twice, as {seen[id(module)]!r} and {name!r}")
             seen[id(module)] = name
-        self.modules = list(modules)
+        self.modules = uncompiled_modules(modules)
         self.names = [n for n, _ in self.modules]
         self.activations, self.activation_grads = activations, activation_grads
         self.batch_norm, self.params = batch_norm, params
@@ -189,6 +193,8 @@ class LayerStatsCollector:
         self.prefix = prefix
         self.is_norm = [is_norm(m) for _, m in self.modules]
         self.bn_index = [i for i, (_, m) in enumerate(self.modules) if has_batch_stats(m)]
+        # TorchScript runs no Python hook (torch refuses one on a scripted module; on its children it never fires)
+        self.unhooked = [name for name, m in self.modules if isinstance(m, torch.jit.ScriptModule)]
         self.param_list: list[tuple[str, nn.Parameter]] = []
         seen_params: set[int] = set()
         for name, module in self.modules:
@@ -271,7 +277,8 @@ class LayerStatsCollector:
                     variances = torch.cat([_to(var, device) for _, var in running]).to(self.dtype)
                     self._state.bn_snapshot = (means, variances)
             for i, (_, module) in enumerate(self.modules):
-                self._handles.append(module.register_forward_hook(self._hooks[i]))
+                if not isinstance(module, torch.jit.ScriptModule):
+                    self._handles.append(module.register_forward_hook(self._hooks[i]))
         except BaseException:
             self.detach()
             raise
