@@ -20,6 +20,7 @@ from lightning_bn.layers import (
     build_norm,
     is_batch_norm,
 )
+from lightning_bn.moments import all_reduce_sum, channel_moments, mean_var, shifted_channel_moments
 from tests.dist import run_distributed
 
 TOL = {"atol": 1e-6, "rtol": 1e-6}
@@ -140,7 +141,19 @@ def _sync_cases(rank: int, world_size: int) -> dict:
         results["one_value"] = None
     except ValueError as err:
         results["one_value"] = str(err)
+
+    # float32 channels with |mean|/std = 1e4: the layer's statistics, and (negative control) the one-pass sums.
+    x = _large_mean_data()[_slice(rank, (3, 5))]
+    bn = SyncBatchNorm(C, momentum=1.0)
+    results["large_mean"] = (bn(x).detach(), bn.running_mean.clone(), bn.running_var.clone())
+    results["large_mean_one_pass"] = mean_var(all_reduce_sum(channel_moments(x, 1)), unbiased=True)[1]
     return results
+
+
+def _large_mean_data() -> torch.Tensor:
+    """float32 values with mean 1e4 and std 1 per channel (8 samples of (C, 4, 5))."""
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(8, C, 4, 5, generator=g, dtype=torch.float64) + 1e4).float()
 
 
 def _reference(module: nn.Module, x: torch.Tensor, upstream: torch.Tensor) -> dict:
@@ -257,6 +270,23 @@ def test_global_batch_of_one_value_raises_everywhere(two_process_results) -> Non
         assert "got 1" in r["one_value"]
 
 
+def test_large_mean_keeps_the_variance(two_process_results) -> None:
+    """float32 input with mean 1e4, std 1: the union's variance to ~1e-7 of the float64 reference (one-pass: 100%)."""
+    x = _large_mean_data()
+    ref = nn.BatchNorm2d(C, momentum=1.0).double()
+    ref_out = ref(x.double())
+    for rank, r in enumerate(two_process_results):
+        out, running_mean, running_var = r["large_mean"]
+        rel = ((running_var.double() - ref.running_var) / ref.running_var).abs().max()
+        assert rel < 1e-3, rel
+        torch.testing.assert_close(running_mean.double(), ref.running_mean, atol=1e-3, rtol=0)
+        # The output is as good as float32 values of size 1e4 allow (their spacing is ~1e-3).
+        torch.testing.assert_close(out.double(), ref_out[_slice(rank, (3, 5))], atol=5e-3, rtol=0)
+        # Negative control: the same union through float32 sums of x and x**2 loses the variance.
+        one_pass = r["large_mean_one_pass"]
+        assert ((one_pass.double() - ref.running_var) / ref.running_var).abs().max() > 0.1
+
+
 # ---- one process -------------------------------------------------------------------------------------------------
 
 
@@ -331,3 +361,242 @@ def test_sync_flags_off_keep_single_process_behaviour() -> None:
         flagged.sync_stats = True
         torch.testing.assert_close(flagged(x), plain(x), atol=0, rtol=0)
         torch.testing.assert_close(flagged.running_var, plain.running_var, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_shifted_moments_keep_the_variance_of_a_large_mean(offset, layout) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, C, 8, 8, generator=g, dtype=torch.float64) + offset).float()
+    ref = x.double().var(dim=(0, 2, 3), unbiased=False)
+    cdim = 1
+    if layout == "channels_last":
+        x, cdim = x.movedim(1, -1).contiguous(), -1
+    moments = shifted_channel_moments(x, cdim)
+    assert moments.dtype == torch.float64
+    _, var = mean_var(moments)
+    assert ((var - ref) / ref).abs().max() < 1e-6
+    # Negative control: float32 sums of x and x**2 (the one-pass form) are off by 17% at 1e3 and by all of it at 1e4.
+    _, one_pass = mean_var(channel_moments(x, cdim))
+    assert ((one_pass.double() - ref) / ref).abs().max() > 0.1
+
+
+def test_shifted_moments_are_the_plain_sums_with_their_gradient() -> None:
+    x = torch.randn(5, C, 3, dtype=torch.float64, requires_grad=True) * 3 + 2
+    torch.testing.assert_close(shifted_channel_moments(x, 1), channel_moments(x, 1), atol=1e-12, rtol=1e-12)
+    leaf = x.detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: shifted_channel_moments(t, 1), (leaf,))
+    last = leaf.detach().movedim(1, -1).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: shifted_channel_moments(t, -1), (last,))
+    empty = shifted_channel_moments(torch.zeros(0, C, 4), 1)
+    assert empty.shape == (3, C) and not empty.any()
+    half = torch.randn(6, 4, C).half()
+    expected = channel_moments(half, -1).double()
+    torch.testing.assert_close(shifted_channel_moments(half, -1), expected, atol=1e-4, rtol=1e-5)
+
+
+# ---- the fused (CUDA) path, run on the CPU with an emulation of torch's CUDA kernels ------------------------------
+
+
+class EmulatedCudaKernels:
+    """torch's CUDA batch-norm kernels for SyncBatchNorm written with CPU ops, after
+    aten/src/ATen/native/cuda/Normalization.cuh: the same formulas (Welford statistics, ``InvStd``, the merge of
+    ``batch_norm_reduce_statistics_kernel`` with its integer running count, so a leading zero count gives NaN as on
+    the GPU) and the dtype contracts the CUDA code assumes, asserted. Lets the fused path's own logic (gathers,
+    ordering, counts, the backward all-reduce, layouts, empty batches) run on a machine without a GPU; the real
+    kernels are checked in tests/test_cuda.py."""
+
+    calls: dict[str, int] = {}
+
+    @classmethod
+    def _count(cls, name: str) -> None:
+        cls.calls[name] = cls.calls.get(name, 0) + 1
+
+    @staticmethod
+    def _acc(dtype: torch.dtype) -> torch.dtype:
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    @staticmethod
+    def _planes(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return t.reshape(t.shape[0], t.shape[1], -1).to(dtype)  # (N, C, L), as the kernels index it
+
+    @classmethod
+    def _check_param(cls, input: torch.Tensor, weight: torch.Tensor | None) -> None:
+        if weight is not None:
+            mixed = input.dtype in (torch.float16, torch.bfloat16) and weight.dtype == torch.float32
+            assert weight.dtype == input.dtype or mixed, (input.dtype, weight.dtype)
+
+    @classmethod
+    def batch_norm_stats(cls, input, eps):
+        cls._count("stats")
+        assert input.numel() > 0
+        x = cls._planes(input, cls._acc(input.dtype))
+        mean, var = x.mean((0, 2)), x.var((0, 2), correction=0)
+        invstd = torch.where((var == 0) & (eps == 0), torch.zeros_like(var), 1.0 / torch.sqrt(var + eps))
+        return mean, invstd
+
+    @classmethod
+    def batch_norm_gather_stats_with_counts(cls, input, mean, invstd, running_mean, running_var, momentum, eps, counts):
+        cls._count("gather")
+        scalar = running_mean.dtype if running_mean is not None else input.dtype
+        acc = cls._acc(scalar)
+        assert mean.dim() == 2 and invstd.shape == mean.shape and counts.numel() >= mean.shape[0]
+        assert mean.dtype == invstd.dtype == acc and counts.dtype == scalar, (mean.dtype, counts.dtype, scalar)
+        avg = torch.zeros(mean.shape[1], dtype=acc)
+        var_n = torch.zeros_like(avg)
+        n = 0
+        for j in range(mean.shape[0]):
+            count = counts[j].to(acc)
+            m = mean[j]
+            v = ((1.0 / invstd[j]) ** 2 - eps) * count
+            factor = 1.0 / (n + count)
+            var_n = var_n + v + (avg - m) * (avg - m) * n * count * factor
+            avg = n * factor * avg + count * factor * m
+            n += int(count)
+        if running_mean is not None:
+            running_mean.copy_(((1 - momentum) * running_mean + momentum * avg).to(scalar))
+        if running_var is not None:
+            running_var.copy_(((1 - momentum) * running_var + momentum * var_n / (n - 1)).to(scalar))
+        return avg, 1.0 / torch.sqrt(var_n / n + eps)
+
+    @classmethod
+    def batch_norm_elemt(cls, input, weight, bias, mean, invstd, eps):
+        cls._count("elemt")
+        cls._check_param(input, weight)
+        x = cls._planes(input, mean.dtype)
+        out = (x - mean[:, None]) * invstd[:, None]
+        if weight is not None:
+            out = out * weight.to(mean.dtype)[:, None] + bias.to(mean.dtype)[:, None]
+        return out.to(input.dtype).reshape(input.shape)
+
+    @classmethod
+    def batch_norm_backward_reduce(cls, grad_output, input, mean, invstd, weight, input_g, weight_g, bias_g):
+        cls._count("backward_reduce")
+        cls._check_param(input, weight)
+        assert mean.dtype == invstd.dtype and grad_output.shape == input.shape
+        assert weight is not None or not (weight_g or bias_g)  # the kernels size those from the weight
+        g, x = cls._planes(grad_output, mean.dtype), cls._planes(input, mean.dtype)
+        sum_dy = g.sum((0, 2))
+        sum_dy_xmu = (g * (x - mean[:, None])).sum((0, 2))
+        grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if weight_g else None
+        grad_bias = sum_dy.to(weight.dtype) if bias_g else None
+        return (sum_dy if input_g else None), (sum_dy_xmu if input_g else None), grad_weight, grad_bias
+
+    @classmethod
+    def batch_norm_backward_elemt(cls, grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+        cls._count("backward_elemt")
+        assert count.dtype == torch.int32 and mean.dtype == invstd.dtype
+        if weight is not None:  # read in the statistics' dtype
+            assert weight.dtype == mean.dtype, (weight.dtype, mean.dtype)
+        div = count.sum().to(mean.dtype)
+        g, x = cls._planes(grad_output, mean.dtype), cls._planes(input, mean.dtype)
+        factor_2 = invstd if weight is None else weight * invstd
+        factor_1 = invstd * invstd * sum_dy_xmu / div
+        grad = (g - (sum_dy / div)[:, None] - (x - mean[:, None]) * factor_1[:, None]) * factor_2[:, None]
+        return grad.to(input.dtype).reshape(input.shape)
+
+
+def _use_emulated_kernels() -> None:
+    from lightning_bn.layers import _sync
+
+    _sync._FUSED_DEVICE_TYPES = ("cpu",)
+    _sync._kernels = EmulatedCudaKernels
+
+
+def _fused_cases(rank: int, world_size: int) -> dict:
+    _use_emulated_kernels()
+    results: dict = {}
+    for name, layout, sample in LAYOUTS:
+        x, upstream = _data(sample)
+        for split in SPLITS:
+            part = _slice(rank, split)
+            bn = build_norm("sync_batch", C, layout=layout).double()
+            _init_affine(bn)
+            results[("sync", name, split)] = _run_steps(bn, x[part], upstream[part])
+    x, upstream = _data((C, 4, 5))
+    part = _slice(rank, (3, 5))
+    # channels-last memory format of a channels-first input, as the kernels take it
+    bn = SyncBatchNorm(C).double()
+    _init_affine(bn)
+    results["nhwc"] = _run_steps(bn, x[part].contiguous(memory_format=torch.channels_last), upstream[part])
+    # cumulative average without affine parameters
+    bn = SyncBatchNorm(C, momentum=None, affine=False).double()
+    for _ in range(3):
+        bn(x[part])
+    results["cumulative"] = (bn.running_mean.clone(), bn.running_var.clone())
+    # bfloat16 input with float32 parameters ("mixed"), and all in bfloat16
+    for key, module_dtype in (("bf16_mixed", torch.float32), ("bf16", torch.bfloat16)):
+        bn = SyncBatchNorm(C).to(module_dtype)
+        xb = x[part].to(torch.bfloat16).requires_grad_(True)
+        out = bn(xb)
+        (out.float() * upstream[part].float()).sum().backward()
+        stats = (bn.running_mean.float(), bn.running_var.float())
+        results[key] = (out.dtype, out.detach().float(), xb.grad.float(), *stats)
+    # a global batch of one value per channel
+    try:
+        SyncBatchNorm(C).double()(torch.randn(rank ^ 1, C, dtype=torch.float64))
+        results["one_value"] = None
+    except ValueError as err:
+        results["one_value"] = str(err)
+    results["calls"] = dict(EmulatedCudaKernels.calls)
+    return results
+
+
+@pytest.fixture(scope="module")
+def fused_results() -> list[dict]:
+    return run_distributed(_fused_cases, 2, timeout=180)
+
+
+@pytest.mark.parametrize("split", SPLITS, ids=lambda s: f"{s[0]}+{s[1]}")
+@pytest.mark.parametrize("name,layout,sample", LAYOUTS, ids=[n for n, _, _ in LAYOUTS])
+def test_fused_path_equals_batch_norm_on_union(fused_results, name, layout, sample, split) -> None:
+    x, upstream = _data(sample)
+    ref = _reference(_plain_bn(name), x, upstream)
+    _assert_matches([r[("sync", name, split)] for r in fused_results], ref, split)
+
+
+def test_fused_path_took_the_kernels(fused_results) -> None:
+    for r in fused_results:
+        assert {"gather", "elemt", "backward_elemt"} <= r["calls"].keys()
+    # rank 0 had an empty batch in the 0+8 splits: it computed no local statistics there
+    assert fused_results[0]["calls"]["stats"] < fused_results[1]["calls"]["stats"]
+
+
+def test_fused_path_memory_format_cumulative_and_bfloat16(fused_results) -> None:
+    x, upstream = _data((C, 4, 5))
+    ref = _reference(_plain_bn("2d"), x, upstream)
+    _assert_matches([r["nhwc"] for r in fused_results], ref, (3, 5))
+    cumulative = nn.BatchNorm2d(C, momentum=None, affine=False).double()
+    for _ in range(3):
+        cumulative(x)
+    xb = x.to(torch.bfloat16).double().requires_grad_(True)
+    bf_ref = nn.BatchNorm2d(C).double()
+    bf_out = bf_ref(xb)
+    (bf_out * upstream).sum().backward()
+    for rank, r in enumerate(fused_results):
+        torch.testing.assert_close(r["cumulative"][0], cumulative.running_mean, **TOL)
+        torch.testing.assert_close(r["cumulative"][1], cumulative.running_var, **TOL)
+        for key in ("bf16_mixed", "bf16"):
+            dtype, out, xgrad, running_mean, running_var = r[key]
+            assert dtype == torch.bfloat16
+            torch.testing.assert_close(out.double(), bf_out[_slice(rank, (3, 5))].detach(), atol=3e-2, rtol=1e-2)
+            torch.testing.assert_close(xgrad.double(), xb.grad[_slice(rank, (3, 5))], atol=3e-2, rtol=2e-2)
+            tol = {"atol": 1e-6, "rtol": 1e-6} if key == "bf16_mixed" else {"atol": 2e-2, "rtol": 1e-2}
+            torch.testing.assert_close(running_mean.double(), bf_ref.running_mean, **tol)
+            torch.testing.assert_close(running_var.double(), bf_ref.running_var, **tol)
+        assert r["one_value"] is not None and "got 1" in r["one_value"]
+
+
+def test_merge_needs_a_non_empty_first_row() -> None:
+    """Why the fused path sorts the gathered rows: the kernel's merge gives NaN when the first count is 0."""
+    mean = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]])
+    invstd = torch.ones(2, C)
+    buffers = (torch.zeros(C), torch.zeros(C))
+    out, _ = EmulatedCudaKernels.batch_norm_gather_stats_with_counts(
+        torch.empty(0), mean, invstd, *buffers, 1.0, 1e-5, torch.tensor([0.0, 4.0])
+    )
+    assert out.isnan().all()
+    out, _ = EmulatedCudaKernels.batch_norm_gather_stats_with_counts(
+        torch.empty(0), mean.flip(0), invstd, *buffers, 1.0, 1e-5, torch.tensor([4.0, 0.0])
+    )
+    torch.testing.assert_close(out, torch.tensor([1.0, 2.0, 3.0]))
