@@ -1,7 +1,7 @@
 """Find, swap and insert normalization layers in a model (pure PyTorch, no Lightning).
 
-* :func:`describe_norm` says what a module is (kind, layout, channels) or None when it is not a norm layer the
-  package can convert.
+* :func:`describe_norm` (from :mod:`lightning_bn.taxonomy`) says what a module is as a norm layer (kind, layout,
+  channels, effective scale and shift, eps, batch statistics), or None.
 * :func:`swap_norms` replaces selected norm layers in place with layers of another kind built by the registry.
 * :func:`insert_norms` adds a norm on the output of each selected conv/linear layer of a model without one.
 """
@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm
 
-from lightning_bn import layers as L
-from lightning_bn.layers import CHANNELS_FIRST, CHANNELS_LAST, build_norm, check_options, normalize_kind
-from lightning_bn.layers._layout import check_layout
+from lightning_bn.layers import FrozenBatchNorm, build_norm, check_options, kind_options, normalize_kind
+from lightning_bn.taxonomy import (
+    NormInfo,
+    declare_norm_layout,
+    describe_norm,
+    find_norms,
+    unrecognized_reason,
+    weight_layer_output,
+)
 
 __all__ = [
     "NormInfo",
@@ -42,116 +46,13 @@ Selector = str | type | Sequence[str | type] | None
 DEFAULT_INSERT_AFTER: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-@dataclass(frozen=True)
-class NormInfo:
-    """What a normalization layer is: its kind, input layout, channels and (for channels-first) spatial dims."""
-
-    kind: str
-    layout: str
-    num_features: int
-    dims: int | None = None
-
-
-def _batch_dims(m: nn.Module) -> int | None:
-    return {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}.get(type(m))  # type: ignore[arg-type]
-
-
-def _instance_dims(m: nn.Module) -> int | None:
-    return {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}.get(type(m))  # type: ignore[arg-type]
-
-
-def _one_dim(shape: Sequence[int]) -> int | None:
-    return int(shape[0]) if len(shape) == 1 else None
-
-
-# Known classes, most derived first. Each entry: class -> function giving NormInfo (None if not convertible).
-_KNOWN: list[tuple[type[nn.Module], Any]] = [
-    (L.FrozenBatchNorm, lambda m: NormInfo("frozen_batch", m.layout, m.num_features)),
-    (L.SyncBatchNorm, lambda m: NormInfo("sync_batch", m.layout, m.num_features)),
-    (L.BatchRenorm, lambda m: NormInfo("batch_renorm", m.layout, m.num_features)),
-    (L.GhostBatchNorm, lambda m: NormInfo("ghost_batch", m.layout, m.num_features)),
-    (L.BatchNormChannelsLast, lambda m: NormInfo("batch", CHANNELS_LAST, m.num_features)),
-    (L.BatchNormNd, lambda m: NormInfo("batch", CHANNELS_FIRST, m.num_features)),
-    (nn.SyncBatchNorm, lambda m: NormInfo("sync_batch", CHANNELS_FIRST, m.num_features)),
-    (nn.BatchNorm1d, lambda m: NormInfo("batch", CHANNELS_FIRST, m.num_features, 1)),
-    (nn.BatchNorm2d, lambda m: NormInfo("batch", CHANNELS_FIRST, m.num_features, 2)),
-    (nn.BatchNorm3d, lambda m: NormInfo("batch", CHANNELS_FIRST, m.num_features, 3)),
-    (_BatchNorm, lambda m: NormInfo("batch", CHANNELS_FIRST, m.num_features)),  # e.g. Lightning's _BatchNormXd
-    (L.GroupNormChannelsLast, lambda m: NormInfo("group", CHANNELS_LAST, m.num_channels)),
-    (nn.GroupNorm, lambda m: NormInfo("group", CHANNELS_FIRST, m.num_channels)),
-    (L.LayerNormChannelsFirst, lambda m: NormInfo("layer", CHANNELS_FIRST, m.normalized_shape[0])),
-    (nn.LayerNorm, lambda m: _one_dim(m.normalized_shape) and NormInfo("layer", CHANNELS_LAST, m.normalized_shape[0])),
-    (L.RMSNormChannelsFirst, lambda m: NormInfo("rms", CHANNELS_FIRST, m.normalized_shape[0])),
-    (nn.RMSNorm, lambda m: _one_dim(m.normalized_shape) and NormInfo("rms", CHANNELS_LAST, m.normalized_shape[0])),
-    (L.InstanceNormChannelsLast, lambda m: NormInfo("instance", CHANNELS_LAST, m.num_features)),
-    (L.InstanceNormNd, lambda m: NormInfo("instance", CHANNELS_FIRST, m.num_features)),
-    (_InstanceNorm, lambda m: NormInfo("instance", CHANNELS_FIRST, m.num_features, _instance_dims(m))),
-]
-
-# Classes whose layout the user declared (subclasses with a forward of their own).
-_DECLARED: dict[type[nn.Module], str] = {}
-
-
-def register_known_norm(cls: type[nn.Module], info: Any) -> None:
-    """Teach :func:`describe_norm` a class: ``info(module) -> NormInfo``. Used by the package's own extra kinds."""
-    _KNOWN.insert(0, (cls, info))
-
-
-def declare_norm_layout(cls: type[nn.Module], layout: str) -> None:
-    """Declare the input layout of a norm subclass that has its own ``forward``, so it can be swapped.
-
-    Example: a ``LayerNorm`` subclass that permutes a channels-first input itself is
-    ``declare_norm_layout(MyLayerNorm2d, "channels_first")``.
-    """
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"`cls` must be an nn.Module subclass, got {cls!r}")
-    _DECLARED[cls] = check_layout(layout)
-
-
-def _known_base(cls: type) -> tuple[type[nn.Module], Any] | None:
-    for base, info in _KNOWN:
-        if issubclass(cls, base):
-            return base, info
-    return None
-
-
-def describe_norm(module: nn.Module, *, warn: bool = False) -> NormInfo | None:
-    """What ``module`` is as a normalization layer, or None.
-
-    A subclass of a known norm whose ``forward`` is its own is described only when its layout is known (declared
-    with :func:`declare_norm_layout`); otherwise None, with a warning naming the class when ``warn`` is true.
-    """
-    found = _known_base(type(module))
-    if found is None:
-        return None
-    base, info_fn = found
-    own_forward = type(module).forward is not base.forward
-    if own_forward and not any(type(module) is b for b, _ in _KNOWN):
-        declared = next((lay for cls, lay in _DECLARED.items() if isinstance(module, cls)), None)
-        if declared is None:
-            if warn:
-                warnings.warn(
-                    f"Skipping {type(module).__qualname__}: it subclasses {base.__name__} with a forward of its own, "
-                    f"so its input layout is unknown. Declare it with "
-                    f"`lightning_bn.swap.declare_norm_layout({type(module).__name__}, 'channels_first' or "
-                    f"'channels_last')` to convert it.",
-                    UserWarning,
-                    stacklevel=3,
-                )
-            return None
-        base_info = info_fn(module)
-        if not base_info:
-            return None
-        return NormInfo(base_info.kind, declared, base_info.num_features, base_info.dims)
-    return info_fn(module) or None
-
-
-def find_norms(model: nn.Module) -> Iterator[tuple[str, nn.Module, NormInfo]]:
-    """Every convertible norm layer in ``model`` as ``(name, module, info)``, in registration order."""
-    for name, module in model.named_modules():
-        info = describe_norm(module)
-        if info is not None:
-            yield name, module, info
+def _class_names(module: nn.Module | None) -> str:
+    """``BatchNorm2d``, or ``Sequential(BatchNorm2d, SiLU)`` for a norm kept with the activation after it."""
+    if module is None:
+        return "-"
+    if type(module) is nn.Sequential:
+        return f"Sequential({', '.join(type(m).__name__ for m in module)})"
+    return type(module).__name__
 
 
 @dataclass
@@ -164,8 +65,7 @@ class SwapRecord:
     aliases: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        old = type(self.old).__name__ if self.old is not None else "-"
-        return f"{self.name or '<root>'}: {old} -> {type(self.new).__name__}"
+        return f"{self.name or '<root>'}: {_class_names(self.old)} -> {_class_names(self.new)}"
 
 
 @dataclass
@@ -174,33 +74,44 @@ class SwapReport(list):  # type: ignore[type-arg]
 
     ``model`` is the module passed in, except when that module was itself a norm layer: it cannot be replaced in the
     caller's variable, so the new layer is returned here (``model = swap_norms(model, "group").model``).
+    ``skipped`` names the selected layers left as they were, with the reason: already the exact class the kind
+    builds, or looking like a norm the taxonomy does not recognize.
     """
 
     model: nn.Module = field(default_factory=nn.Identity)
+    skipped: dict[str, str] = field(default_factory=dict)
 
-    def __init__(self, records: Iterable[SwapRecord] = (), model: nn.Module | None = None) -> None:
+    def __init__(
+        self, records: Iterable[SwapRecord] = (), model: nn.Module | None = None, skipped: dict[str, str] | None = None
+    ) -> None:
         super().__init__(records)
         self.model = model if model is not None else nn.Identity()
+        self.skipped = dict(skipped or {})
 
     def __repr__(self) -> str:
-        return f"SwapReport({len(self)} layers)"
+        return f"SwapReport({len(self)} layers, {len(self.skipped)} left as they were)"
 
 
 def format_report(records: Sequence[SwapRecord]) -> str:
-    """A plain-text table of a swap: layer, old class, new class, parameters before and after."""
+    """A plain-text table of a swap: layer, old class, new class, parameters before and after; then the layers left
+    as they were (a :class:`SwapReport`'s ``skipped``) with the reason."""
     rows = [("layer", "was", "now", "params was", "params now")]
     for r in records:
-        old_params = sum(p.numel() for p in r.old.parameters(recurse=False)) if r.old is not None else 0
+        old_params = sum(p.numel() for p in r.old.parameters()) if r.old is not None else 0
         rows.append((
             r.name or "<root>",
-            type(r.old).__name__ if r.old is not None else "-",
-            type(r.new).__name__,
+            _class_names(r.old),
+            _class_names(r.new),
             str(old_params),
-            str(sum(p.numel() for p in r.new.parameters(recurse=False))),
+            str(sum(p.numel() for p in r.new.parameters())),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    skipped = getattr(records, "skipped", {})
+    if skipped:
+        lines.append(f"left as they were ({len(skipped)}):")
+        lines += [f"  {name or '<root>'}: {reason}" for name, reason in skipped.items()]
     return "\n".join(lines)
 
 
@@ -268,43 +179,68 @@ def _placed_like(new: nn.Module, old: nn.Module) -> nn.Module:
     return new.train(old.training)
 
 
-def _inherited_options(old: nn.Module, kind: str) -> dict[str, Any]:
-    """Settings of the old layer that the new kind takes too (eps, momentum, affine)."""
-    from lightning_bn.layers import kind_options
+def _inherited_options(old: nn.Module, info: NormInfo, kind: str) -> dict[str, Any]:
+    """Settings of the old layer that the new kind takes too: eps, affine (and bias), and between batch-norm kinds
+    momentum and track_running_stats."""
+    from lightning_bn.taxonomy import BATCH_STAT_KINDS
 
     allowed = kind_options(kind) or set()
     found: dict[str, Any] = {}
-    eps = getattr(old, "eps", None)
-    if "eps" in allowed and isinstance(eps, float):
-        found["eps"] = eps
-    momentum = getattr(old, "momentum", None)
-    if "momentum" in allowed and isinstance(old, _BatchNorm):
-        found["momentum"] = momentum
+    if "eps" in allowed and info.eps is not None:
+        found["eps"] = info.eps
     if "affine" in allowed:
-        affine = getattr(old, "affine", getattr(old, "elementwise_affine", None))
-        if isinstance(affine, bool):
-            found["affine"] = affine
+        found["affine"] = info.affine
+    if "bias" in allowed and info.affine:
+        found["bias"] = info.shift is not None
+    if info.batch_stats and kind in BATCH_STAT_KINDS:
+        momentum = getattr(old, "momentum", 0.1)
+        if "momentum" in allowed and (momentum is None or isinstance(momentum, float)):
+            found["momentum"] = momentum
+        if "track_running_stats" in allowed:
+            found["track_running_stats"] = info.running_stats
     return found
 
 
-def _copy_state(old: nn.Module, new: nn.Module) -> None:
-    """Affine weight and bias when shapes match; running statistics between batch-norm kinds."""
+def _copy_state(old: nn.Module, info: NormInfo, new: nn.Module) -> list[str]:
+    """The effective scale and shift when shapes match (``1 + weight`` becomes the new weight); running statistics
+    between batch-norm kinds. Returns what could not be carried: ``"shift"`` when the old layer's shift is not zero
+    and the new layer has no bias, ``"scale"`` likewise for a scale that is not one."""
+    lost = []
+    for source, target_name, neutral, what in ((info.scale, "weight", 1.0, "scale"),
+                                               (info.shift, "bias", 0.0, "shift")):
+        target = getattr(new, target_name, None)
+        if isinstance(source, torch.Tensor) and not isinstance(target, torch.Tensor):
+            if not isinstance(new, nn.Identity) and not _all_equal(source, neutral):
+                lost.append(what)
     with torch.no_grad():
-        for pname in ("weight", "bias"):
-            src, dst = getattr(old, pname, None), getattr(new, pname, None)
-            if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.shape == dst.shape:
-                dst.copy_(src)
+        for source, source_name, target_name in ((info.scale, info.scale_name, "weight"),
+                                                 (info.shift, info.shift_name, "bias")):
+            target = getattr(new, target_name, None)
+            if isinstance(source, torch.Tensor) and isinstance(target, torch.Tensor) and source.shape == target.shape:
+                target.copy_(source)
                 # A frozen affine parameter stays frozen; a frozen batch norm keeps the trainability it was built with.
-                if isinstance(dst, nn.Parameter) and not isinstance(new, L.FrozenBatchNorm):
-                    dst.requires_grad_(src.requires_grad)
+                param = getattr(old, source_name, None) if source_name else None
+                if isinstance(target, nn.Parameter) and isinstance(param, torch.Tensor) and not isinstance(
+                    new, FrozenBatchNorm
+                ):
+                    target.requires_grad_(param.requires_grad)
         for bname in ("running_mean", "running_var", "num_batches_tracked"):
             src, dst = getattr(old, bname, None), getattr(new, bname, None)
             if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.shape == dst.shape:
                 dst.copy_(src)
+    return lost
 
 
-def _build_like(old: nn.Module, info: NormInfo, kind: str, options: dict[str, Any], name: str) -> nn.Module:
-    opts = {**_inherited_options(old, kind), **options}
+def _all_equal(t: torch.Tensor, value: float) -> bool:
+    if t.device.type == "meta":
+        return True  # no values yet: nothing is lost
+    return bool((t.detach() == value).all())
+
+
+def _build_like(
+    old: nn.Module, info: NormInfo, kind: str, options: dict[str, Any], name: str, lost: dict[str, list[str]]
+) -> nn.Module:
+    opts = {**_inherited_options(old, info, kind), **options}
     try:
         new = build_norm(kind, info.num_features, layout=info.layout, dims=info.dims, **opts)
     except ValueError as err:
@@ -313,8 +249,19 @@ def _build_like(old: nn.Module, info: NormInfo, kind: str, options: dict[str, An
             f"to {kind!r}: {err}"
         ) from err
     new = _placed_like(new, old)
-    _copy_state(old, new)
+    for what in _copy_state(old, info, new):
+        lost.setdefault(what, []).append(name or "<root>")
     return new
+
+
+def _sharded_tensors(module: nn.Module) -> list[str]:
+    """Names of ``module``'s own parameters and buffers that are DTensors (sharded by ``fully_shard``)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return []
+    own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+    return [name for name, t in own if isinstance(t, DTensor)]
 
 
 def replace_modules(model: nn.Module, replacements: Mapping[int, nn.Module]) -> nn.Module:
@@ -346,13 +293,23 @@ def swap_norms(
 ) -> SwapReport:
     """Replace normalization layers of ``model`` in place with layers of kind ``to``.
 
-    Every norm layer :func:`describe_norm` knows (torch's BatchNorm1d/2d/3d, SyncBatchNorm, GroupNorm, LayerNorm,
-    InstanceNorm1d/2d/3d, RMSNorm and this package's layers) is a candidate; ``include``/``exclude`` select by
-    module-name glob (``"layer1.*"``) or class. The new layer keeps the input layout, device, dtype and training
-    mode; it inherits ``eps``, ``momentum`` and ``affine`` where the new kind takes them (``options`` override);
-    affine weight and bias are copied when shapes match; running statistics are copied between batch-norm kinds.
-    A module used at several places is replaced by one new module at all of them. Layers already of kind ``to``
-    are left alone when no options are given, so a second call changes nothing.
+    Every layer the taxonomy recognizes (:func:`lightning_bn.describe_norm`: torch's and this package's norms,
+    known timm, torchvision and Hugging Face classes, classes of registered kinds, and third-party norms the probe
+    classifies by what they compute) is a candidate; ``include``/``exclude`` select by module-name glob
+    (``"layer1.*"``) or class. A module that looks like a norm but is not recognized is left alone with a warning
+    naming its class.
+
+    The new layer keeps the input layout, device, dtype and training mode; it inherits ``eps``, ``affine`` (and
+    whether there is a bias) and, between batch-norm kinds, ``momentum`` and ``track_running_stats``, where the new
+    kind takes them (``options`` override); it gets the old layer's effective scale and shift when shapes match
+    (a layer that scales by ``1 + weight``, as Gemma's, gives ``1 + weight`` as the new weight) and, between
+    batch-norm kinds, the running statistics. So a swap to the kind the layer already computes (``LlamaRMSNorm`` to
+    ``"rms"``, ``CohereLayerNorm`` to ``"layer"``, timm's ``LayerNorm2d`` to ``"layer"``) replaces it with the
+    package's (torch's) class and leaves the model's outputs unchanged up to float rounding. A layer that applies an
+    activation after normalizing (timm's ``BatchNormAct2d``) becomes ``Sequential(new layer, activation)``, holding
+    the same activation (and drop) module; its ``state_dict`` keys gain a ``.0``. A module used at several places is
+    replaced by one new module at all of them. A layer that already is the exact class the kind builds is left
+    alone when no options are given (``report.skipped`` says so), so a second call changes nothing.
 
     If ``model`` itself is a norm layer it cannot be replaced in the caller's variable: the new layer is the
     returned report's ``model`` (and the record named ``""``).
@@ -365,42 +322,75 @@ def swap_norms(
         options: options of the target kind (``num_groups=8``, ``virtual_batch_size=16`` ...).
 
     Returns:
-        A :class:`SwapReport`: one :class:`SwapRecord` per replaced layer, and the resulting root in ``.model``.
+        A :class:`SwapReport`: one :class:`SwapRecord` per replaced layer, the layers left as they were with the
+        reason in ``.skipped``, and the resulting root in ``.model``.
 
     Raises:
-        ValueError: unknown kind (lists the kinds), options the kind does not take (names them), or a layer the
-            kind cannot be built for (names the layer, its channels and the bad option, e.g. ``num_groups``).
+        ValueError: unknown kind (lists the kinds), options the kind does not take (names them), a layer the kind
+            cannot be built for (names the layer, its channels and the bad option, e.g. ``num_groups``), or a layer
+            whose parameters are DTensors, already sharded by ``fully_shard`` (swap before sharding). Every new layer
+            is built before the model is touched, so after an error the model is unchanged.
     """
     kind = _checked_kind(model, to, options)
     include_l, exclude_l = _check_selector("include", include), _check_selector("exclude", exclude)
 
     names = _all_names(model)
     candidates: list[tuple[list[str], nn.Module]] = []
+    infos: dict[int, NormInfo] = {}
+    unrecognized: dict[str, list[str]] = {}
     seen: set[int] = set()
-    for _, module in model.named_modules():
+    for name, module in model.named_modules():
         if id(module) in seen:
             continue
         seen.add(id(module))
-        if describe_norm(module, warn=True) is not None:
+        info = describe_norm(module)
+        if info is not None:
             candidates.append((names[id(module)], module))
+            infos[id(module)] = info
+        else:
+            reason = unrecognized_reason(module)
+            if reason is not None:
+                unrecognized.setdefault(reason, []).append(name or "<root>")
+    for reason, layer_names in unrecognized.items():  # one warning per class, naming its layers
+        warnings.warn(f"{reason} Layers: {', '.join(layer_names)}.", UserWarning, stacklevel=2)
+    skipped = {name: "looks like a norm, not recognized (see the warning)"
+               for layer_names in unrecognized.values() for name in layer_names}
     if not candidates:
         warnings.warn(f"{type(model).__name__} has no normalization layer to swap; nothing changed", UserWarning,
                       stacklevel=2)
-        return SwapReport([], model)
+        return SwapReport([], model, skipped)
 
     chosen = _select(candidates, include_l, exclude_l)
     # Build everything first: a bad option on any layer raises before the model is touched.
     mapping: dict[int, nn.Module] = {}
     records: list[SwapRecord] = []
+    lost: dict[str, list[str]] = {}
     for module_names, module in chosen:
-        info = describe_norm(module)
-        assert info is not None
-        if info.kind == kind and not options:
+        info = infos[id(module)]
+        name = module_names[0]
+        sharded = _sharded_tensors(module)
+        if sharded:
+            raise ValueError(
+                f"cannot swap layer {name or '<root>'!r} ({type(module).__name__}): its {', '.join(sharded)} "
+                f"{'is a DTensor' if len(sharded) == 1 else 'are DTensors'}, already sharded by fully_shard. Swap "
+                "normalization layers before sharding: call lightning_bn.swap_norms (or let NormSwap run) before "
+                "fully_shard, e.g. at the start of configure_model."
+            )
+        new = _build_like(module, info, kind, options, name, lost)
+        if not options and type(new) is type(module) and not info.post:
+            skipped[name] = f"already {type(module).__name__}"
             continue
-        new = _build_like(module, info, kind, options, module_names[0])
+        if info.post:  # what the layer does after normalizing (timm's drop and act) stays after the new layer
+            new = nn.Sequential(new, *(module.get_submodule(attr) for attr in info.post))
         mapping[id(module)] = new
-        records.append(SwapRecord(module_names[0], module, new, tuple(module_names[1:])))
-    return SwapReport(records, replace_modules(model, mapping))
+        records.append(SwapRecord(name, module, new, tuple(module_names[1:])))
+    for what, layer_names in lost.items():
+        param = "bias" if what == "shift" else "weight"
+        warnings.warn(
+            f"swap to {kind!r}: the new layers have no {param}, so the {what} of {', '.join(layer_names)} is dropped "
+            "and their outputs change", UserWarning, stacklevel=2,
+        )
+    return SwapReport(records, replace_modules(model, mapping), skipped)
 
 
 class _InsertedNorm:
@@ -415,15 +405,6 @@ def _inserted_norm(module: nn.Module) -> nn.Module | None:
     norm = module._modules.get("norm") if hasattr(module, "_modules") else None
     hooks = getattr(module, "_forward_hooks", {})
     return norm if norm is not None and any(isinstance(h, _InsertedNorm) for h in hooks.values()) else None
-
-
-def _out_features(module: nn.Module) -> tuple[int, str, int | None] | None:
-    if isinstance(module, nn.Linear):
-        return module.out_features, CHANNELS_LAST, None
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                           nn.ConvTranspose3d)):
-        return module.out_channels, CHANNELS_FIRST, len(module.kernel_size)
-    return None
 
 
 def insert_norms(
@@ -455,7 +436,7 @@ def insert_norms(
     candidates = []
     seen: set[int] = set()
     for _, module in model.named_modules():
-        if id(module) not in seen and isinstance(module, after_t) and _out_features(module) is not None:
+        if id(module) not in seen and isinstance(module, after_t) and weight_layer_output(module) is not None:
             seen.add(id(module))
             candidates.append((names[id(module)], module))
     if not candidates:
@@ -471,7 +452,7 @@ def insert_norms(
             continue
         if module is output_layer and not (named_explicitly and _matches_exact(include_l, module_names)):
             continue
-        out = _out_features(module)
+        out = weight_layer_output(module)
         assert out is not None
         channels, layout, dims = out
         try:

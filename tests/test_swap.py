@@ -17,6 +17,7 @@ from lightning_bn.layers import (
     RMSNormChannelsFirst,
     available_norms,
 )
+from lightning_bn.swap import format_report
 
 
 def conv_net() -> nn.Sequential:
@@ -172,17 +173,75 @@ class PermutingLayerNorm(nn.LayerNorm):
         return super().forward(x.movedim(1, -1)).movedim(-1, 1)
 
 
-def test_subclass_with_own_forward_skipped_until_declared() -> None:
+class DoubledBatchNorm(nn.BatchNorm2d):
+    """A forward of its own that is no batch norm of its parameters: twice the output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def test_subclass_with_own_forward_probed_and_skipped_until_declared() -> None:
+    # What the forward computes decides: a layer norm over the channels of (N, C, H, W).
     model = nn.Sequential(nn.Conv2d(3, 4, 1), PermutingLayerNorm(4))
-    with pytest.warns(UserWarning, match="PermutingLayerNorm.*declare_norm_layout"):
-        records = swap_norms(model, "batch")
-    assert len(records) == 0 and isinstance(model[1], PermutingLayerNorm)
-    declare_norm_layout(PermutingLayerNorm, "channels_first")
-    records = swap_norms(model, "batch")
-    assert len(records) == 1 and type(model[1]) is nn.modules.batchnorm.BatchNorm2d or isinstance(
-        model[1], nn.modules.batchnorm._BatchNorm
-    )
+    info = describe_norm(model[1])
+    assert info is not None and (info.kind, info.layout, info.source) == ("layer", "channels_first", "probe")
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-1, 1)
+    x = torch.randn(2, 3, 5, 5)
+    before = model(x)
+    assert len(swap_norms(model, "layer")) == 1 and type(model[1]) is LayerNormChannelsFirst
+    torch.testing.assert_close(model(x), before)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), DoubledBatchNorm(4))
+    with pytest.warns(UserWarning, match="DoubledBatchNorm: it looks like.*subclasses BatchNorm2d.*declare_norm_"):
+        report = swap_norms(model, "group")
+    assert len(report) == 0 and isinstance(model[1], DoubledBatchNorm) and "1" in report.skipped
+    declare_norm_layout(DoubledBatchNorm, "channels_first")
+    records = swap_norms(model, "group")
+    assert len(records) == 1 and type(model[1]) is nn.GroupNorm
     forward_backward(model, torch.randn(2, 3, 5, 5))
+
+
+def test_only_the_exact_target_class_is_left_and_the_report_says_so() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), BatchNormNd(4),
+                          nn.Conv2d(4, 4, 1), nn.SyncBatchNorm(4))
+    report = swap_norms(model, "batch")
+    assert [r.name for r in report] == ["5"] and type(model[5]) is BatchNormNd  # torch's sync: replaced
+    assert report.skipped == {"1": "already BatchNorm2d", "3": "already BatchNormNd"}
+    assert "left as they were (2):" in format_report(report) and "1: already BatchNorm2d" in format_report(report)
+
+
+def test_a_shift_the_new_kind_cannot_hold_is_reported() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    with torch.no_grad():
+        model[1].bias.fill_(0.5)
+    with pytest.warns(UserWarning, match=r"swap to 'rms': the new layers have no bias, so the shift of 1 is dropped"):
+        swap_norms(model, "rms")
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))  # a zero bias: nothing is lost, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        swap_norms(model, "rms")
+
+
+def test_sharded_norm_is_refused_with_advice() -> None:
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    from tests.dist import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        mesh = DeviceMesh("cpu", [0])
+        model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+        model[1].weight = nn.Parameter(distribute_tensor(model[1].weight.detach(), mesh, [Replicate()]))
+        with pytest.raises(ValueError, match=r"layer '1' \(LayerNorm\): its weight is a DTensor, already sharded by "
+                                             r"fully_shard\. Swap normalization layers before sharding"):
+            swap_norms(model, "batch")
+        assert isinstance(model[1], nn.LayerNorm)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_bad_input() -> None:

@@ -8,7 +8,6 @@ the classes here cover what torch lacks.
 from __future__ import annotations
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_bn.layers._batch import BatchNormChannelsLast, BatchNormNd, BatchRenorm, FrozenBatchNorm, GhostBatchNorm
 from lightning_bn.layers._channel import (
@@ -61,10 +60,15 @@ __all__ = [
 
 
 def is_batch_norm(module: nn.Module) -> bool:
-    """True for every batch-norm kind whose statistics come from batches (torch's and ours; not frozen)."""
-    return isinstance(module, _BatchNorm)
+    """True for a layer that normalizes with batch statistics in training, as :mod:`lightning_bn.taxonomy` says
+    (torch's, ours, third-party ones; not frozen batch norm)."""
+    from lightning_bn import taxonomy  # the taxonomy is built on this package's classes: imported when asked
+
+    return taxonomy.is_batch_norm(module)
 
 
 def tracks_running_stats(module: nn.Module) -> bool:
-    """True for a batch-norm layer with running statistics that recalibration may recompute."""
-    return is_batch_norm(module) and bool(module.track_running_stats) and module.running_mean is not None
+    """True for a batch-norm layer with running statistics that recalibration may recompute (see the taxonomy)."""
+    from lightning_bn import taxonomy
+
+    return taxonomy.tracks_running_stats(module)

@@ -17,10 +17,10 @@ from lightning_bn.layers._channel import (
     LayerNormChannelsFirst,
     RMSNormChannelsFirst,
 )
-from lightning_bn.layers._layout import CHANNELS_FIRST, CHANNELS_LAST, check_layout
+from lightning_bn.layers._layout import CHANNELS_FIRST, CHANNELS_LAST, LAYOUTS, check_layout
 from lightning_bn.layers._sync import SyncBatchNorm
 
-__all__ = ["build_norm", "register_norm", "available_norms", "normalize_kind", "NormFactory"]
+__all__ = ["build_norm", "register_norm", "available_norms", "normalize_kind", "NormFactory", "registered_classes"]
 
 # A factory is called as factory(num_features, layout=..., dims=..., **options) and returns a module.
 NormFactory = Callable[..., nn.Module]
@@ -125,6 +125,33 @@ _REGISTRY: dict[str, NormFactory] = {
     "frozen_batch": _frozen_batch,
     "none": _none,
 }
+_BUILT_IN = frozenset(_REGISTRY)
+
+# The classes that registered (user) kinds build, by layout: class -> {layout: kind}. The taxonomy describes their
+# instances as that kind (lightning_bn.taxonomy.describe_norm), after its own tables.
+_BUILT_CLASSES: dict[type, dict[str, str]] = {}
+# Containers and identities are never a kind's class: a factory returning Sequential(norm, act) teaches nothing.
+_NOT_A_NORM_CLASS = (nn.Identity, nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def registered_classes() -> dict[type, dict[str, str]]:
+    """The classes registered kinds have built, with the kind per layout (read by the taxonomy)."""
+    return _BUILT_CLASSES
+
+
+def _record_class(kind: str, layout: str, module: Any) -> None:
+    if kind in _BUILT_IN or not isinstance(module, nn.Module) or isinstance(module, _NOT_A_NORM_CLASS):
+        return
+    by_layout = _BUILT_CLASSES.setdefault(type(module), {})
+    if by_layout.get(layout) != kind:
+        by_layout[layout] = kind
+        _forget_descriptions()
+
+
+def _forget_descriptions() -> None:
+    from lightning_bn.taxonomy import clear_caches  # the taxonomy imports this module: import when it is loaded
+
+    clear_caches()
 
 
 def normalize_kind(kind: str) -> str:
@@ -155,12 +182,37 @@ def register_norm(name: str, factory: NormFactory, *, overwrite: bool = False) -
     key = name.strip().lower().replace("-", "_")
     if key in _REGISTRY and not overwrite:
         raise ValueError(f"norm kind {key!r} is already registered; pass overwrite=True to replace it")
+    if key in _BUILT_IN:
+        raise ValueError(f"norm kind {key!r} is built in and cannot be replaced; register it under another name")
+    _forget_kind(key)
     _REGISTRY[key] = factory
+    # Teach the taxonomy the classes the kind builds: one layer per layout, 8 channels, default options (a factory
+    # that needs options or rejects a layout is learnt from the layers build_norm builds with it later).
+    for layout in LAYOUTS:
+        try:
+            sample = factory(8, layout=layout, dims=None)
+        except Exception:  # noqa: BLE001 - the factory's own business; nothing is recorded for this layout
+            continue
+        _record_class(key, layout, sample)
+
+
+def _forget_kind(key: str) -> None:
+    for cls in [c for c, by_layout in _BUILT_CLASSES.items() if key in by_layout.values()]:
+        kept = {lay: k for lay, k in _BUILT_CLASSES[cls].items() if k != key}
+        if kept:
+            _BUILT_CLASSES[cls] = kept
+        else:
+            del _BUILT_CLASSES[cls]
+    _forget_descriptions()
 
 
 def unregister_norm(name: str) -> None:
-    """Remove a kind added with :func:`register_norm`."""
-    _REGISTRY.pop(normalize_kind(name))
+    """Remove a kind added with :func:`register_norm` (and what the taxonomy learnt of its classes)."""
+    key = normalize_kind(name)
+    if key in _BUILT_IN:
+        raise ValueError(f"norm kind {key!r} is built in and cannot be removed")
+    _REGISTRY.pop(key)
+    _forget_kind(key)
 
 
 def kind_options(kind: str) -> set[str] | None:
@@ -210,7 +262,10 @@ def build_norm(
     if callable(kind) and not isinstance(kind, str):
         return kind(num_features, **options)
     check_options(kind, options)
-    return _REGISTRY[normalize_kind(kind)](num_features, layout=layout, dims=dims, **options)
+    key = normalize_kind(kind)
+    module = _REGISTRY[key](num_features, layout=layout, dims=dims, **options)
+    _record_class(key, layout, module)
+    return module
 
 
 __all__ += ["CHANNELS_FIRST", "CHANNELS_LAST", "kind_options", "check_options", "unregister_norm", "default_num_groups"]
