@@ -319,3 +319,30 @@ def test_weight_layers() -> None:
     assert weight_layer_output(nn.Linear(2, 7)) == (7, "channels_last", None)
     assert weight_layer_output(lstm) is None
     assert describe_norm(build_norm("group", 4)) is not None
+
+
+class LinearLike(nn.Module):
+    """Hugging Face's Conv1D in spirit: a leaf with an (in, out) weight, no nn.Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(C, C))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.weight
+
+
+def test_select_modules_default_rules() -> None:
+    from lightning_bn.stats import select_modules
+
+    model = nn.Module()
+    model.embed = nn.Embedding(10, C)
+    model.block = nn.Sequential(LinearLike(), RefNorm("rms", "channels_last", bias=False), nn.GELU(), nn.Dropout())
+    model.proj = nn.Linear(C, C)
+    model.lstm = nn.LSTM(C, C)
+    model.scale = ScaleNorm()
+    model.pool = nn.AdaptiveAvgPool1d(1)
+    from lightning_bn import insert_norms
+
+    insert_norms(model, "layer", include=["proj"])  # the Linear now has a child: still watched, and its norm too
+    assert [n for n, _ in select_modules(model)] == ["embed", "block.0", "block.1", "proj", "proj.norm", "lstm"]

@@ -1,4 +1,5 @@
-"""Which modules the monitor watches: every normalization, conv and linear layer, or a selection by class or glob."""
+"""Which modules the monitor watches: by the taxonomy's answers (every normalization layer, every layer that owns a
+weight matrix or kernel), or a selection by class or glob."""
 
 from __future__ import annotations
 
@@ -6,31 +7,42 @@ import fnmatch
 from collections.abc import Sequence
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
-from torch.nn.modules.instancenorm import _InstanceNorm
 
-from lightning_bn.layers import FrozenBatchNorm, is_batch_norm, tracks_running_stats
+from lightning_bn import taxonomy
 
-__all__ = ["Selector", "NORM_TYPES", "DEFAULT_WATCH_TYPES", "is_norm", "has_batch_stats", "select_modules"]
+__all__ = [
+    "Selector",
+    "NORM_TYPES",
+    "DEFAULT_WATCH_TYPES",
+    "is_norm",
+    "has_batch_stats",
+    "watched_by_default",
+    "select_modules",
+]
 
 Selector = Sequence[type | str]
 
-# Torch's normalization bases and ours that do not derive from them; our other layers subclass torch's.
-NORM_TYPES: tuple[type[nn.Module], ...] = (
-    _BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.LocalResponseNorm, FrozenBatchNorm,
-)
-DEFAULT_WATCH_TYPES: tuple[type[nn.Module], ...] = NORM_TYPES + (_ConvNd, nn.Linear)
+# Torch's and this package's normalization classes, as the taxonomy's table holds them. The rule is `is_norm`, which
+# also recognizes third-party norms (timm, Hugging Face) and the ones its probe classifies.
+NORM_TYPES: tuple[type[nn.Module], ...] = taxonomy.known_norm_classes()
+# The classes watched by default among torch's; `watched_by_default` is the rule (linear-like leaves included).
+DEFAULT_WATCH_TYPES: tuple[type[nn.Module], ...] = NORM_TYPES + (_ConvNd, nn.Linear, nn.Embedding, nn.EmbeddingBag)
 
 
 def is_norm(module: nn.Module) -> bool:
-    """True for a normalization layer (torch's or this package's): its inputs are watched too."""
-    return isinstance(module, NORM_TYPES)
+    """True for a layer the taxonomy recognizes as a normalization layer: its inputs are watched too."""
+    return taxonomy.is_norm(module)
 
 
 def has_batch_stats(module: nn.Module) -> bool:
     """True for a batch-norm layer with running statistics to compare its batches with."""
-    return is_batch_norm(module) and tracks_running_stats(module)
+    return taxonomy.tracks_running_stats(module)
+
+
+def watched_by_default(module: nn.Module) -> bool:
+    """The default selection: a recognized normalization layer, or a layer that owns a weight matrix or kernel."""
+    return is_norm(module) or taxonomy.is_weight_layer(module)
 
 
 def _check_selector(arg: str, selector: Selector | type | str | None) -> list[type | str] | None:
@@ -64,10 +76,26 @@ def select_modules(
 ) -> list[tuple[str, nn.Module]]:
     """The watched modules of ``model`` as ``(name, module)`` in registration order.
 
+    The rules, by default (``include=None``):
+
+    - every normalization layer :func:`lightning_bn.describe_norm` recognizes: torch's and this package's,
+      timm's, torchvision's and Hugging Face's known classes (``LlamaRMSNorm``, ``T5LayerNorm``, ``LayerNorm2d``,
+      ``BatchNormAct2d`` ...), classes of registered kinds, and third-party norms the probe classifies; their
+      inputs are watched too (``act_in/...``);
+    - every layer that owns a weight matrix or kernel: conv and linear layers (also with a norm inserted after
+      them), embeddings, and any leaf module with a parameter of two or more dimensions of its own, so linear-like
+      layers such as Hugging Face's ``Conv1D`` (GPT-2's projections) and LSTMs are watched;
+    - not: containers and blocks (a module with children that is none of the above), activations, dropout,
+      pooling, parameter-free layers, and the root module (watched only when ``include`` names its class);
+    - a module reachable under several names is watched once, under its first name.
+
+    With ``include``, a module is watched when it matches any entry (a class, by ``isinstance``, or a glob on its
+    name); ``exclude`` then removes the modules that match any of its entries.
+
     Args:
         model: the model.
         include: classes and module-name globs (``fnmatch``, e.g. ``"layer1.*"``); a module is watched when it
-            matches any. Default: every normalization, conv and linear layer.
+            matches any. Default: the rules above.
         exclude: classes and globs of modules not to watch, applied after ``include``.
 
     Raises:
@@ -81,7 +109,7 @@ def select_modules(
             if inc is None or not any(isinstance(i, type) and isinstance(model, i) for i in inc):
                 continue  # the root is watched only when the user names its class
         if inc is None:
-            if not isinstance(module, DEFAULT_WATCH_TYPES):
+            if not watched_by_default(module):
                 continue
         elif not _matches(inc, name, module):
             continue
