@@ -21,16 +21,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_bn._checks import check_positive_int
-from lightning_bn.layers import CHANNELS_FIRST, FrozenBatchNorm, channel_dim, tracks_running_stats
+from lightning_bn.layers import channel_dim
 from lightning_bn.moments import COUNT, channel_moments, mean_var, reduce_across_processes
+from lightning_bn.taxonomy import NormInfo, describe_norm
 
 __all__ = [
     "LayerRecalibration",
     "RecalibrationReport",
     "default_forward",
+    "has_own_forward",
     "move_to_device",
     "recalibratable_layers",
     "recalibrate_bn",
@@ -112,13 +113,31 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def has_own_forward(model: nn.Module) -> bool:
+    """True when ``model`` has a ``forward`` of its own: not ``nn.Module``'s placeholder, nor Lightning's
+    ``LightningModule.forward``, which only calls it (checked by name, so Lightning is not imported here)."""
+    if "forward" in model.__dict__:
+        return True
+    for klass in type(model).__mro__:
+        if "forward" in klass.__dict__:
+            lightning = klass.__module__.startswith(("lightning.", "pytorch_lightning."))
+            return klass is not nn.Module and not (klass.__name__ == "LightningModule" and lightning)
+    return False
+
+
+_PASS_FORWARD = (
+    "Pass `forward=lambda model, batch: ...` to say how to feed a batch (e.g. `lambda m, b: m.model(**b)`); "
+    "BatchNormRecalibration feeds a LightningModule without a forward through its training_step by default."
+)
+
+
 def _check_call(model: nn.Module, batch: Any, args: tuple, kwargs: dict, how: str) -> None:
     try:
         inspect.signature(model.forward).bind(*args, **kwargs)
     except TypeError as err:
         raise TypeError(
-            f"recalibrate_bn cannot feed a batch of type {type(batch).__name__} to "
-            f"{type(model).__name__}.forward as {how}: {err}. Pass `forward=lambda model, batch: ...` to say how."
+            f"recalibrate_bn's default forward tried {how} with a batch of type {type(batch).__name__}, but "
+            f"{type(model).__name__}.forward does not accept it: {err}. {_PASS_FORWARD}"
         ) from None
     except ValueError:  # no signature to check (some builtins): let the call decide
         pass
@@ -129,9 +148,26 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     ``model(**batch)``.
 
     Raises:
-        TypeError: any other batch, a tuple or list without a tensor, or a batch the model's ``forward`` does not
-            accept; the message says to pass ``forward``.
+        TypeError: ``model`` has no ``forward`` of its own (a LightningModule whose ``training_step`` calls an inner
+            model), any other batch, a tuple or list without a tensor, or a batch the model's ``forward`` does not
+            accept; the message says what was tried and how to pass ``forward``.
     """
+    if isinstance(batch, Tensor):
+        how = "model(batch)"
+    elif isinstance(batch, (list, tuple)):
+        how = "model(batch[<first tensor>])"
+    elif isinstance(batch, Mapping):
+        how = f"model(**batch) with keys {sorted(map(str, batch))}"
+    else:
+        raise TypeError(
+            f"recalibrate_bn's default forward takes batches that are a tensor, a tuple or list (fed by its first "
+            f"tensor) or a mapping (fed as keyword arguments), got {type(batch).__name__}. {_PASS_FORWARD}"
+        )
+    if not has_own_forward(model):
+        raise TypeError(
+            f"recalibrate_bn's default forward tried {how}, but {type(model).__name__} has no forward of its own "
+            f"(calling it would raise from nn.Module's placeholder). {_PASS_FORWARD}"
+        )
     if isinstance(batch, Tensor):
         return model(batch)
     if isinstance(batch, (list, tuple)):
@@ -139,38 +175,49 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
         if first is None:
             raise TypeError(
                 f"recalibrate_bn's default forward feeds a tuple or list batch by its first tensor, but this "
-                f"{type(batch).__name__} holds none (types: {[type(i).__name__ for i in batch]}). "
-                f"Pass `forward=lambda model, batch: ...` to say how to feed it."
+                f"{type(batch).__name__} holds none (types: {[type(i).__name__ for i in batch]}). {_PASS_FORWARD}"
             )
-        _check_call(model, batch, (first,), {}, "model(batch[<first tensor>])")
+        _check_call(model, batch, (first,), {}, how)
         return model(first)
-    if isinstance(batch, Mapping):
-        _check_call(model, batch, (), dict(batch), f"model(**batch) with keys {sorted(map(str, batch))}")
-        return model(**batch)
-    raise TypeError(
-        f"recalibrate_bn's default forward takes batches that are a tensor, a tuple or list (fed by its first "
-        f"tensor) or a mapping (fed as keyword arguments), got {type(batch).__name__}. "
-        f"Pass `forward=lambda model, batch: ...` to say how to feed it."
-    )
+    _check_call(model, batch, (), dict(batch), how)
+    return model(**batch)
 
 
-def recalibratable_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
-    """The layers :func:`recalibrate_bn` recomputes by default: batch norm of any kind with running statistics."""
-    return [(name, m) for name, m in model.named_modules() if tracks_running_stats(m)]  # type: ignore[misc]
+def recalibratable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers :func:`recalibrate_bn` recomputes by default: every layer the taxonomy describes as normalizing
+    with batch statistics and keeping running ones (torch's, ours, third-party ones such as timm's
+    ``BatchNormAct2d``)."""
+    return [(name, m) for name, m, info in _batch_norms(model) if info.batch_stats and info.running_stats]
 
 
-def _select(model: nn.Module, modules: Iterable[str | nn.Module] | None) -> tuple[dict[str, _BatchNorm], dict]:
-    """Layers to recompute, by name in model order, and the batch-norm layers skipped with the reason."""
+def _batch_norms(model: nn.Module) -> list[tuple[str, nn.Module, NormInfo]]:
+    """Every batch-norm layer (batch statistics in training, or frozen) with its description, in model order."""
+    found = []
+    for name, m in model.named_modules():
+        info = describe_norm(m)
+        if info is not None and (info.batch_stats or info.kind == "frozen_batch"):
+            found.append((name, m, info))
+    return found
+
+
+def _select(
+    model: nn.Module, modules: Iterable[str | nn.Module] | None
+) -> tuple[dict[str, nn.Module], dict[str, NormInfo], dict[str, str]]:
+    """Layers to recompute, by name in model order, their descriptions, and the batch-norm layers skipped with the
+    reason."""
     named = dict(model.named_modules())
     skipped: dict[str, str] = {}
-    for name, m in named.items():
-        if isinstance(m, _BatchNorm) and not tracks_running_stats(m):
-            skipped[name] = "track_running_stats=False"
-        elif isinstance(m, FrozenBatchNorm):
+    infos: dict[str, NormInfo] = {}
+    for name, _, info in _batch_norms(model):
+        if info.kind == "frozen_batch":
             skipped[name] = "frozen batch norm"
-    candidates = dict(recalibratable_layers(model))
+        elif not info.running_stats:
+            skipped[name] = "track_running_stats=False"
+        else:
+            infos[name] = info
+    candidates = {name: named[name] for name in infos}
     if modules is None:
-        return candidates, skipped
+        return candidates, infos, skipped
     if isinstance(modules, (str, nn.Module)):
         modules = [modules]
     by_id = {id(m): n for n, m in named.items()}
@@ -198,7 +245,7 @@ def _select(model: nn.Module, modules: Iterable[str | nn.Module] | None) -> tupl
     for name in candidates:
         if name not in wanted:
             skipped[name] = "not selected by `modules`"
-    return {n: m for n, m in candidates.items() if n in wanted}, skipped
+    return {n: m for n, m in candidates.items() if n in wanted}, {n: infos[n] for n in wanted}, skipped
 
 
 class _Probe:
@@ -257,31 +304,36 @@ class _Probe:
         return {n: depth(n, frozenset()) if n in self.edges else -1 for n in names}
 
 
-def _batch_stat_forward(module: _BatchNorm, name: str, sink: Tensor | None, probe: _Probe | None) -> Callable:
+def _batch_stat_forward(
+    module: nn.Module, info: NormInfo, name: str, sink: Tensor | None, probe: _Probe | None
+) -> Callable:
     """Plain batch norm with the batch's own statistics, adding the input's channel moments to ``sink``.
 
-    No running buffer is touched and nothing is synchronized across processes, so the result depends only on the
-    batches, not on their order or on how they are spread over processes. The batch statistics come from the same
-    float64 moments that are accumulated, so each input is read for statistics once.
+    The layer's effective scale and shift, eps and layout come from its description, and what the layer does after
+    normalizing (timm's ``BatchNormAct2d``: drop, act) follows as in its own forward. No running buffer is touched
+    and nothing is synchronized across processes, so the result depends only on the batches, not on their order or
+    on how they are spread over processes. The batch statistics come from the same float64 moments that are
+    accumulated, so each input is read for statistics once.
     """
-    layout = getattr(module, "layout", CHANNELS_FIRST)
+    post = [module.get_submodule(attr) for attr in info.post]
 
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        cdim = channel_dim(layout, x.dim())
+        cdim = channel_dim(info.layout, x.dim())
         moments = channel_moments(x.detach(), cdim, dtype=torch.float64)
         if sink is not None:
             sink.add_(moments)
         mean, var = mean_var(moments, unbiased=False)  # training-mode batch norm normalizes with the biased var
-        stat_dtype = module.weight.dtype if module.weight is not None else x.dtype
+        weight, bias, eps = info.scale, info.shift, info.eps if info.eps is not None else 1e-5
+        stat_dtype = weight.dtype if weight is not None else x.dtype
         mean, var = mean.to(stat_dtype), var.to(stat_dtype)
         if cdim == 1:
-            out = F.batch_norm(x, mean, var, module.weight, module.bias, False, 0.0, module.eps)
+            out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
         elif cdim == x.dim() - 1:
-            flat = x.reshape(-1, x.shape[-1])
-            out = F.batch_norm(flat, mean, var, module.weight, module.bias, False, 0.0, module.eps).reshape(x.shape)
+            out = F.batch_norm(x.reshape(-1, x.shape[-1]), mean, var, weight, bias, False, 0.0, eps).reshape(x.shape)
         else:
-            moved = x.movedim(cdim, 1)
-            out = F.batch_norm(moved, mean, var, module.weight, module.bias, False, 0.0, module.eps).movedim(1, cdim)
+            out = F.batch_norm(x.movedim(cdim, 1), mean, var, weight, bias, False, 0.0, eps).movedim(1, cdim)
+        for layer in post:
+            out = layer(out)
         return probe.record(name, x, out) if probe is not None and probe.active else out
 
     return forward
@@ -299,8 +351,7 @@ class _ModelState:
         self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         self.buffers = [
             (m, name, buf.detach().clone())
-            for m in model.modules()
-            if isinstance(m, _BatchNorm)
+            for _, m, _ in _batch_norms(model)
             for name, buf in m.named_buffers(recurse=False)
             if buf is not None
         ]
@@ -401,9 +452,11 @@ def recalibrate_bn(
     forwards and every other buffer are as before afterwards, also when an exception passes through (then the
     running statistics are the old ones too).
 
-    Recomputed by default: torch's ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` and this package's batch-norm kinds,
-    channels-first or channels-last (the layer's ``layout`` attribute). Skipped: frozen batch norm and layers with
-    ``track_running_stats=False``; a layer that saw no input keeps its statistics, with a warning.
+    Recomputed by default: every layer :func:`lightning_bn.describe_norm` describes as normalizing with batch
+    statistics and keeping running ones: torch's ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm``, this package's
+    batch-norm kinds, third-party ones (timm's ``BatchNormAct2d``, whose activation still follows), channels-first or
+    channels-last as the taxonomy says. Skipped: frozen batch norm and layers with ``track_running_stats=False``; a
+    layer that saw no input keeps its statistics, with a warning.
 
     With ``exact_eval=True`` the statistics of each layer are taken from the inputs inference will give it: the
     layers are recomputed depth level by depth level (a layer's level is one more than that of the deepest
@@ -419,7 +472,8 @@ def recalibrate_bn(
         batches: an iterable of batches (a DataLoader, a list, a generator); under DDP each process its own shard.
         num_batches: use at most this many batches per process (default: all).
         forward: ``forward(model, batch)`` feeds one batch (already moved to the model's device); by default
-            :func:`default_forward` (a tensor, the first tensor of a tuple or list, or a mapping as keywords).
+            :func:`default_forward` (a tensor, the first tensor of a tuple or list, or a mapping as keywords), which
+            needs a model with a ``forward`` of its own.
         modules: recompute only these layers (names or modules); the other layers run in eval mode.
         progress: show a tqdm progress bar on process zero.
         exact_eval: recompute level by level from eval-mode features (see above).
@@ -431,7 +485,9 @@ def recalibrate_bn(
     Raises:
         ValueError: ``batches`` gave no batch on any process, a bad ``num_batches``, ``modules`` naming a layer
             that is not in the model or cannot be recalibrated, or ``exact_eval`` with a one-shot iterator.
-        TypeError: ``batches`` is not iterable, or the default ``forward`` cannot feed a batch to the model.
+        TypeError: ``batches`` is not iterable, or the default ``forward`` cannot feed a batch to the model (no
+            ``forward`` of its own, or one that does not take the batch); the message says what was tried and how
+            to pass ``forward``.
 
     Example::
 
@@ -441,7 +497,7 @@ def recalibrate_bn(
         96
     """
     _check_args(batches, num_batches, forward, exact_eval)
-    selected, skipped = _select(model, modules)
+    selected, infos, skipped = _select(model, modules)
     report = RecalibrationReport(skipped=skipped)
     if not selected:
         warnings.warn(
@@ -466,7 +522,7 @@ def recalibrate_bn(
         level, max_level = 0, 0
         while level <= max_level:
             todo = [n for n in names if n not in finalized and levels[n] <= level]
-            sinks = {n: torch.zeros(3, selected[n].num_features, dtype=torch.float64, device=device) for n in todo}
+            sinks = {n: torch.zeros(3, infos[n].num_features, dtype=torch.float64, device=device) for n in todo}
             probe = _Probe() if exact_eval and level == 0 else None
             for name, m in selected.items():
                 if name in finalized:  # an earlier level: inference behaviour with its new statistics
@@ -474,7 +530,7 @@ def recalibrate_bn(
                     state.override_forward(m, None)
                 else:
                     m.training = True
-                    state.override_forward(m, _batch_stat_forward(m, name, sinks.get(name), probe))
+                    state.override_forward(m, _batch_stat_forward(m, infos[name], name, sinks.get(name), probe))
             seen = _one_pass(model, batches, num_batches, feed, device, probe, progress, level, max_level, state)
             buffer = torch.cat([sinks[n].flatten() for n in todo] + [torch.tensor([float(seen)], device=device,
                                                                                   dtype=torch.float64)])
@@ -503,7 +559,7 @@ def recalibrate_bn(
             moments = reduced[:-1].view(-1)
             views, offset = [], 0
             for name in todo:
-                size = 3 * selected[name].num_features
+                size = 3 * infos[name].num_features
                 views.append(moments[offset: offset + size].view(3, -1))
                 offset += size
             counts = torch.stack([mom[COUNT].max() for mom in views]).tolist() if views else []  # one host read
@@ -532,9 +588,9 @@ def recalibrate_bn(
     for name in names:
         if name in new_stats:
             mean, var, count = new_stats[name]
-            m = selected[name]
+            eps = infos[name].eps
             old_mean, old_var = (t.to(torch.float64) for t in old[name])
-            scale = var + m.eps
+            scale = var + (eps if eps is not None else 1e-5)
             report.layers[name] = LayerRecalibration(
                 name=name,
                 num_values=count,

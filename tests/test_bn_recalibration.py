@@ -267,3 +267,50 @@ def test_constructor_errors_name_the_argument_and_state_round_trips() -> None:
     other.load_state_dict({})  # an older checkpoint without the field
     assert other.num_recalibrations == 0
     assert BatchNormRecalibration(when="fit_end").state_key != callback.state_key
+
+
+class NoForward(L.LightningModule):
+    """No forward of its own: training_step calls the inner model (and logs), as Hugging Face wrappers do."""
+
+    def __init__(self, manual: bool = False) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Flatten(), nn.Linear(36, 5), nn.BatchNorm1d(5, momentum=0.9), nn.Linear(5, 3))
+        self.automatic_optimization = not manual
+        self.logged: list[str] = []
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.model(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def log(self, name: str, *args, **kwargs) -> None:  # type: ignore[override]
+        self.logged.append(name)
+        super().log(name, *args, **kwargs)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        pass
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_defaults_feed_a_module_without_forward_through_its_training_step(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = NoForward()
+    callback = BatchNormRecalibration(num_batches=None)
+    trainer(tmp_path, [callback], max_epochs=1, num_sanity_val_steps=0).fit(model, loader(), loader())
+    assert callback.num_recalibrations == 1 and set(callback.last_report.layers) == {"model.2"}
+    # The population statistics of the BN input over the whole train loader, with the weights after the epoch.
+    with torch.no_grad():
+        inputs = torch.cat([model.model[1](model.model[0](x)) for x, _ in loader()])
+    torch.testing.assert_close(model.model[2].running_mean, inputs.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.model[2].running_var, inputs.var(0), rtol=1e-5, atol=1e-6)
+    steps = len(loader())
+    assert model.logged.count("train/loss") == steps  # the recalibration's training_step calls logged nothing
+    assert "log" not in model.__dict__
+
+
+def test_module_without_forward_under_manual_optimization_needs_forward(tmp_path) -> None:
+    with pytest.raises(MisconfigurationException, match="no forward of its own.*manual optimization.*`forward="):
+        trainer(tmp_path, [BatchNormRecalibration()], max_epochs=1).fit(NoForward(manual=True), loader(), loader())

@@ -238,3 +238,23 @@ def test_layer_stats_monitor_watches_every_norm_and_linear_like_layer_of_gpt2(tm
     missing = sorted(n for n in norms | leaves if f"act/std/{n}" not in keys)
     assert not missing
     assert all(f"act_in/std/{n}" in keys for n in norms)
+
+
+def test_batch_norm_recalibration_with_defaults_on_a_module_without_forward(tmp_path) -> None:
+    from lightning_bn import recalibrate_bn
+    from lightning_bn.callbacks import BatchNormRecalibration
+
+    torch.manual_seed(0)
+    module = CausalLM(_gpt2())
+    swap_norms(module, "batch")
+    norms = [f"model.{n}" for n, _, _ in find_norms(module.model)]
+    callback = BatchNormRecalibration(num_batches=None, when="fit_end")
+    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer.fit(module, _token_loader())
+    assert callback.last_report is not None and list(callback.last_report.layers) == norms
+    # The same as recalibrate_bn fed by hand through the inner model.
+    recalibrated = {n: module.get_submodule(n).running_var.clone() for n in norms}
+    recalibrate_bn(module, list(_token_loader()), forward=lambda m, b: m.model(**b))
+    for n in norms:
+        torch.testing.assert_close(module.get_submodule(n).running_var, recalibrated[n])

@@ -250,6 +250,58 @@ def test_custom_forward_and_errors_when_the_default_cannot_feed_the_model() -> N
     assert report.num_batches == 1
 
 
+class Wrapper(nn.Module):
+    """No forward of its own: whoever trains it calls ``self.net``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+
+
+def test_a_model_without_forward_gets_an_error_saying_what_was_tried() -> None:
+    model = Wrapper().double()
+    before = snapshot(model)
+    message = r"tried model\(\*\*batch\) with keys \['x'\], but Wrapper has no forward of its own.*Pass `forward="
+    with pytest.raises(TypeError, match=message):
+        recalibrate_bn(model, [{"x": torch.randn(3, 4, dtype=torch.float64)}])
+    assert_same(before, snapshot(model))
+    x = torch.randn(6, 4, dtype=torch.float64)
+    recalibrate_bn(model, [x], forward=lambda m, b: m.net(b))
+    torch.testing.assert_close(model.net[1].running_var, model.net[0](x).detach().var(0), **TOL)
+
+
+class OwnBatchNorm(nn.Module):
+    """A batch norm that is no torch class (a third-party one): recognized by the probe, recalibrated the same."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.eps, self.momentum = 1e-3, 0.1
+        self.weight = nn.Parameter(torch.rand(channels) + 0.5)
+        self.bias = nn.Parameter(torch.rand(channels) - 0.5)
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                            self.momentum, self.eps)
+
+
+def test_a_third_party_batch_norm_is_recalibrated_through_the_taxonomy() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), OwnBatchNorm(5), nn.ReLU(), nn.Linear(5, 5), OwnBatchNorm(5)).double()
+    assert [n for n, _ in recalibratable_layers(model)] == ["1", "4"]
+    batches = [torch.randn(n, 4, dtype=torch.float64) * 2 + 1 for n in (6, 3, 7)]
+    report = recalibrate_bn(model, batches)
+    assert set(report.layers) == {"1", "4"}
+    with torch.no_grad():
+        first = [model[0](x) for x in batches]
+        torch.testing.assert_close(model[1].running_mean, torch.cat(first).mean(0), **TOL)
+        # The second layer saw what the first gives in batch-statistics mode, with its own eps and affine.
+        second = [model[3](F.relu(F.batch_norm(a, None, None, model[1].weight, model[1].bias, True, 0.0, 1e-3)))
+                  for a in first]
+        torch.testing.assert_close(model[4].running_var, torch.cat(second).var(0), **TOL)
+
+
 def test_model_without_batch_norm_warns_and_is_unchanged() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), build_norm("frozen_batch", 4))
     before = snapshot(model)

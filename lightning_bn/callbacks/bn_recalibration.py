@@ -16,9 +16,10 @@ from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
 from lightning_bn._checks import check_choice, check_positive_int
-from lightning_bn.recalibrate import ForwardFn, RecalibrationReport, default_forward, recalibrate_bn
+from lightning_bn.callbacks._training_step import muted_training_step
+from lightning_bn.recalibrate import ForwardFn, RecalibrationReport, default_forward, has_own_forward, recalibrate_bn
 
-__all__ = ["BatchNormRecalibration", "should_recalibrate", "fresh_loader"]
+__all__ = ["BatchNormRecalibration", "default_feed", "should_recalibrate", "fresh_loader"]
 
 WHEN = ("validation_start", "train_epoch_end", "fit_end", "test_start")
 # An automatic progress bar (``progress=None``) appears when a recalibration runs more batches than this.
@@ -33,6 +34,21 @@ def should_recalibrate(when: str, hook: str, epoch: int, every_n_epochs: int, sa
     if when in ("fit_end", "test_start"):
         return True
     return (epoch + 1) % every_n_epochs == 0
+
+
+def default_feed(pl_module: nn.Module) -> ForwardFn:
+    """How the callback feeds a batch when no ``forward`` is given: a module with a ``forward`` of its own gets the
+    batch as :func:`lightning_bn.recalibrate.default_forward` gives it (a tensor, the first tensor of a tuple or list,
+    a mapping as keywords); a module without one (its ``training_step`` calls an inner model) runs its own
+    ``training_step(batch, 0)`` with ``self.log`` muted, so the batch-norm layers see the inputs training gives them.
+    """
+    if has_own_forward(pl_module):
+        return default_forward
+
+    def training_step(model: nn.Module, batch: Any) -> Any:
+        return muted_training_step(model, batch, 0)  # type: ignore[arg-type]
+
+    return training_step
 
 
 def fresh_loader(loader: Any) -> Any:
@@ -122,8 +138,9 @@ class BatchNormRecalibration(Callback):
             ``"train_epoch_end"``, ``"fit_end"`` or ``"test_start"`` (requires ``dataloader``).
         exact_eval: recompute depth level by level from eval-mode features (see :func:`recalibrate_bn`; one pass
             per level).
-        forward: ``forward(model, batch)`` to feed a batch, when the default (tensor, first tensor of a tuple,
-            mapping as keywords) does not fit the module.
+        forward: ``forward(model, batch)`` to feed a batch. Default (:func:`default_feed`): a module with a
+            ``forward`` of its own gets the batch as a tensor, the first tensor of a tuple or list, or a mapping as
+            keywords; a module without one runs its own ``training_step(batch, 0)`` with ``self.log`` muted.
         modules: only these batch-norm layers (names or modules).
         progress: a progress bar on rank zero; ``None`` shows one when the trainer has a progress bar and a
             recalibration runs more than 50 batches.
@@ -131,7 +148,8 @@ class BatchNormRecalibration(Callback):
 
     Raises:
         MisconfigurationException: a ``when`` outside the list above, ``every_n_epochs`` or ``num_batches`` not a
-            positive int, or ``when="test_start"`` without a ``dataloader``.
+            positive int, or ``when="test_start"`` without a ``dataloader``; at setup, a module without a ``forward``
+            under manual optimization and no ``forward`` given (its ``training_step`` would step the optimizer).
 
     Logged metrics (rank zero, through every logger of the trainer, at ``trainer.global_step``; the hooks
     ``on_fit_end`` does not allow ``self.log``, so the loggers are called directly):
@@ -187,6 +205,15 @@ class BatchNormRecalibration(Callback):
         return self._generate_state_key(when=self.when, every_n_epochs=self.every_n_epochs)
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.forward is None and not has_own_forward(pl_module) and not pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                f"BatchNormRecalibration feeds {type(pl_module).__name__}, which has no forward of its own, through "
+                "its training_step, which under manual optimization steps the optimizer; pass "
+                "`forward=lambda pl_module, batch: ...` (e.g. `lambda m, b: m.model(b[0])`), got forward=None"
+            )
+
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "fit" or self.dataloader is not None:
             self._maybe_run(trainer, pl_module, "validation_start")
@@ -219,7 +246,7 @@ class BatchNormRecalibration(Callback):
                 self._warned_no_loader = True
             return None
         batches = _Transferred(fresh_loader(source), trainer, pl_module)
-        precision, feed = trainer.precision_plugin, self.forward or default_forward
+        precision, feed = trainer.precision_plugin, self.forward or default_feed(pl_module)
 
         def forward(model: nn.Module, batch: Any) -> Any:
             with precision.forward_context():

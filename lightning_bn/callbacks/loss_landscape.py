@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_bn._checks import check_positive_int
+from lightning_bn.callbacks._training_step import logging_muted
 from lightning_bn.callbacks.layer_stats_monitor import LayerStatsMonitor
 from lightning_bn.moments import distributed_world_size, reduce_across_processes
 
@@ -294,29 +295,16 @@ class LossLandscapeProbe(Callback):
         if not self.should_probe(step, self.every_n_steps, self._last_step):
             return
         self._last_step = step
-        muted = self.loss_fn is None
-        had = {name: name in pl_module.__dict__ for name in ("log", "log_dict")}
-        old = {name: pl_module.__dict__.get(name) for name in had}
-        if muted:
-            pl_module.__dict__["log"] = _no_log
-            pl_module.__dict__["log_dict"] = _no_log
-        try:
-            context = trainer.precision_plugin.train_step_context() if trainer.precision_plugin else nullcontext()
-            with context:
-                measurement = measure_landscape(
-                    lambda: self._loss(pl_module, batch, batch_idx),
-                    list(pl_module.parameters()),
-                    self._step_sizes(trainer),
-                    modules=pl_module,
-                    group=self.process_group,
-                )
-        finally:
-            if muted:
-                for name, present in had.items():
-                    if present:
-                        pl_module.__dict__[name] = old[name]
-                    else:
-                        del pl_module.__dict__[name]
+        muted = logging_muted(pl_module) if self.loss_fn is None else nullcontext()
+        context = trainer.precision_plugin.train_step_context() if trainer.precision_plugin else nullcontext()
+        with muted, context:
+            measurement = measure_landscape(
+                lambda: self._loss(pl_module, batch, batch_idx),
+                list(pl_module.parameters()),
+                self._step_sizes(trainer),
+                modules=pl_module,
+                group=self.process_group,
+            )
         self.history.append((step, measurement))
         if trainer.is_global_zero:
             metrics = measurement.metrics()
@@ -330,7 +318,3 @@ class LossLandscapeProbe(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict.get("last_step", -1))
-
-
-def _no_log(*args: Any, **kwargs: Any) -> None:
-    return None

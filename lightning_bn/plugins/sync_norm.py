@@ -7,19 +7,14 @@ from typing import Any
 
 from lightning.pytorch.plugins import LayerSync
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 from typing_extensions import override
 
-from lightning_bn.layers import (
-    CHANNELS_FIRST,
-    BatchNormChannelsLast,
-    BatchRenorm,
-    GhostBatchNorm,
-    SyncBatchNorm,
-)
+from lightning_bn.layers import CHANNELS_FIRST, BatchRenorm, GhostBatchNorm, SyncBatchNorm
 from lightning_bn.swap import replace_modules
+from lightning_bn.taxonomy import NormInfo, describe_norm, unrecognized_reason
 
 __all__ = ["SyncNormPlugin"]
 
@@ -41,23 +36,43 @@ _HOOK_DICTS = (
 _MISSING = object()
 
 
-def _plain_batch_norm_forward(module: nn.Module) -> bool:
-    """True when ``module`` is a batch norm whose forward is torch's (so its behaviour is plain batch norm)."""
-    if isinstance(module, BatchNormChannelsLast):
-        return type(module).forward is BatchNormChannelsLast.forward
-    if isinstance(module, (SyncBatchNorm, *_FLAGGED)) or not isinstance(module, _BatchNorm):
-        return False
-    forward = type(module).forward
-    return forward is _BatchNorm.forward or forward is nn.SyncBatchNorm.forward
+def _plain_batch_norm(module: nn.Module, info: NormInfo | None) -> bool:
+    """True when the taxonomy says ``module`` computes batch norm of its own ``weight`` and ``bias`` (then maybe an
+    activation) with torch's buffers, so a :class:`SyncBatchNorm` can share them."""
+    return (
+        info is not None
+        and info.kind in ("batch", "sync_batch")
+        and isinstance(module, _BatchNorm)
+        and not isinstance(module, (SyncBatchNorm, *_FLAGGED))
+        and info.scale is module.weight
+        and info.shift is module.bias
+    )
 
 
-def to_sync_batch_norm(module: _BatchNorm, process_group: Any = None) -> SyncBatchNorm:
+class _SyncBatchNormThen(SyncBatchNorm):
+    """Synchronized batch norm followed by the original layer's own activation modules (timm's ``BatchNormAct2d``:
+    drop, act), registered under the same names, so ``state_dict`` keys stay those of the original."""
+
+    post: tuple[str, ...] = ()
+
+    def forward(self, input: Tensor) -> Tensor:
+        out = super().forward(input)
+        for name in self.post:
+            out = self.get_submodule(name)(out)
+        return out
+
+
+def to_sync_batch_norm(
+    module: _BatchNorm, process_group: Any = None, *, layout: str | None = None, post: tuple[str, ...] = ()
+) -> SyncBatchNorm:
     """A :class:`SyncBatchNorm` that shares ``module``'s parameters, buffers and forward hooks (the same objects).
 
-    Layout: channels-last for :class:`~lightning_bn.layers.BatchNormChannelsLast`, channels-first otherwise.
+    Layout: ``layout``, else the module's ``layout`` attribute, else channels-first. ``post`` names child modules
+    of ``module`` applied after normalizing (what the taxonomy calls :attr:`NormInfo.post`); they are shared too.
     """
-    layout = getattr(module, "layout", CHANNELS_FIRST)
-    sync = SyncBatchNorm(
+    layout = layout or str(getattr(module, "layout", CHANNELS_FIRST))
+    cls = _SyncBatchNormThen if post else SyncBatchNorm
+    sync = cls(
         module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
         process_group=process_group, layout=layout, device="meta",
     )
@@ -65,6 +80,10 @@ def to_sync_batch_norm(module: _BatchNorm, process_group: Any = None) -> SyncBat
     sync._parameters = dict(module._parameters)  # type: ignore[assignment]
     sync._buffers = dict(module._buffers)  # type: ignore[assignment]
     sync._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    if post:
+        sync.__dict__["post"] = post  # a plain attribute, not through nn.Module's __setattr__
+        for name in post:
+            sync.add_module(name, module.get_submodule(name))
     for hooks in _HOOK_DICTS:
         if hasattr(module, hooks):
             setattr(sync, hooks, getattr(module, hooks))
@@ -104,16 +123,18 @@ class SyncNormPlugin(LayerSync):
     """Synchronized batch norm for every batch-norm kind, on any backend, reverted exactly after fitting.
 
     When fitting starts (``strategy="ddp"``, ``"ddp_spawn"``, FSDP: every strategy that calls a ``LayerSync``),
-    each batch-norm layer whose forward is plain batch norm (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``,
-    Lightning's ``_BatchNormXd``, :class:`~lightning_bn.layers.BatchNormNd`,
-    :class:`~lightning_bn.layers.BatchNormChannelsLast`) is replaced by a
-    :class:`~lightning_bn.layers.SyncBatchNorm` that shares its parameters, buffers and forward hooks, and
+    each layer the taxonomy (:func:`lightning_bn.describe_norm`) describes as plain batch norm of its own weight
+    and bias (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, Lightning's ``_BatchNormXd``,
+    :class:`~lightning_bn.layers.BatchNormNd`, :class:`~lightning_bn.layers.BatchNormChannelsLast`, a batch-norm
+    subclass whose own forward the probe finds to be batch norm, timm's ``BatchNormAct2d``, whose activation
+    still follows) is replaced by a :class:`~lightning_bn.layers.SyncBatchNorm` that shares its parameters,
+    buffers, activation modules and forward hooks, and
     :class:`~lightning_bn.layers.BatchRenorm` and :class:`~lightning_bn.layers.GhostBatchNorm` keep their class
     with ``sync_stats`` switched on (synchronized batch statistics for batch renorm; virtual batches per process
     and running statistics averaged over every process's virtual batches for ghost batch norm). Layers that
     already synchronize (:class:`~lightning_bn.layers.SyncBatchNorm`, e.g. from ``NormSwap(to="sync_batch")``)
-    are left as they are. Subclasses of batch norm with a forward of their own are left alone with a warning:
-    what their forward does is unknown.
+    are left as they are. Subclasses of batch norm with a forward of their own that the taxonomy does not recognize
+    are left alone with a warning: what their forward does is unknown.
 
     Each step then costs one all-reduce of a ``(3, C)`` tensor per layer in the forward and one in the backward;
     outputs, gradients and running statistics are those of batch norm on the union of all processes' batches,
@@ -146,18 +167,26 @@ class SyncNormPlugin(LayerSync):
         skipped: list[str] = []
         try:
             for name, module in list(model.named_modules(remove_duplicate=True)):
-                if isinstance(module, _FLAGGED):
+                if isinstance(module, _BatchNorm) and isinstance(module, LazyModuleMixin):
+                    if module.has_uninitialized_params():  # type: ignore[misc]
+                        skipped.append(f"{name} ({type(module).__qualname__}, not initialized yet)")
+                        continue
+                info = describe_norm(module)
+                if info is None or not info.batch_stats or isinstance(module, SyncBatchNorm):
+                    if info is None and isinstance(module, _BatchNorm) and unrecognized_reason(module) is not None:
+                        skipped.append(f"{name} ({type(module).__qualname__})")
+                    continue  # not a batch norm, or ours that synchronizes already
+                if isinstance(module, _FLAGGED) and info.kind in ("batch_renorm", "ghost_batch"):
                     saved = {a: module.__dict__.get(a, _MISSING) for a in _SYNC_ATTRS}
                     self._records.append(_Record(module, None, saved))
                     setattr(module, "sync_stats", True)  # noqa: B010 - instance attributes that shadow the class's
                     setattr(module, "sync_group", None)  # noqa: B010
-                elif isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():  # type: ignore[misc]
-                    skipped.append(f"{name} ({type(module).__qualname__}, not initialized yet)")
-                elif _plain_batch_norm_forward(module):
-                    record = _Record(module, to_sync_batch_norm(module))  # type: ignore[arg-type]
+                elif _plain_batch_norm(module, info):
+                    sync = to_sync_batch_norm(module, layout=info.layout, post=info.post)  # type: ignore[arg-type]
+                    record = _Record(module, sync)
                     replacements[id(module)] = record
                     self._records.append(record)
-                elif isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
+                else:
                     skipped.append(f"{name} ({type(module).__qualname__})")
             if id(model) in replacements:
                 raise ValueError(
