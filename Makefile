@@ -2,9 +2,12 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# torch first, pinned to the CPU build this machine installs from local files: an unpinned
-# torch (asked for by lightning) would pull a CUDA build of several GB.
-TORCH_SPEC ?= torch==2.13.0
+# torch first, pinned to builds this machine installs from local files: an unpinned torch (asked for by lightning)
+# would download a CUDA build of several GB. The dev venv takes torch 2.14.1 with torchvision 0.29.1 (a CUDA build,
+# ~5.5 GB, from local files) because timm, which the tests use for real models, imports torchvision, and PyPI's
+# torchvision does not import beside the 2.13.0 CPU build. The wheel smoke test installs the small CPU build.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+SMOKE_TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
 .PHONY: setup test demo lint typecheck bench wheel-smoke clean
@@ -14,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[wandb,examples,dev]"
 	touch $(STAMP)
 
@@ -36,7 +39,7 @@ wheel-smoke: $(STAMP)
 	ls dist/lightning_bn-*-py3-none-any.whl
 	set -e; smoke=$$(mktemp -d -t lightning-bn-wheel-XXXXXX); trap 'rm -rf "$$smoke"' EXIT; \
 	$(PYTHON) -m venv "$$smoke/venv"; \
-	"$$smoke/venv/bin/python" -m pip install --quiet "$(TORCH_SPEC)"; \
+	"$$smoke/venv/bin/python" -m pip install --quiet $(SMOKE_TORCH_SPEC); \
 	"$$smoke/venv/bin/python" -m pip install --quiet dist/lightning_bn-*-py3-none-any.whl; \
 	cp scripts/wheel_smoke.py "$$smoke/"; \
 	cd "$$smoke" && venv/bin/python wheel_smoke.py "$$smoke/logs"
