@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.fabric.utilities.data import AttributeDict as FabricAttributeDict
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.parsing import AttributeDict
 from torch import nn
 
@@ -211,3 +212,78 @@ def test_checkpoint_with_other_pickled_objects_is_refused(tmp_path) -> None:
     with torch.serialization.safe_globals([_UserConfig, _record_unpickling]):
         rebuilt = NormSwap.load_model(CNN, path)
     assert isinstance(rebuilt.model.layer1.bn1, nn.GroupNorm)
+
+
+class BuiltInConfigureModel(L.LightningModule):
+    """Layers built in configure_model (idempotent, as Lightning documents it), or rebuilt on every call."""
+
+    def __init__(self, idempotent: bool = True) -> None:
+        super().__init__()
+        self.idempotent = idempotent
+        self.model: nn.Module | None = None
+        self.calls = 0
+
+    def configure_model(self) -> None:
+        self.calls += 1
+        if self.idempotent and self.model is not None:
+            return
+        self.model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.BatchNorm1d(8),
+                                   nn.Linear(8, 1))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.model(x).squeeze(-1), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def _regression_loader() -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 4, generator=g), torch.randn(32, generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=8)
+
+
+def _fit_configure_model(tmp_path, **trainer_kwargs) -> tuple[list[str], bool, int, torch.Tensor]:
+    torch.manual_seed(0)
+    module = BuiltInConfigureModel()
+    swap = NormSwap(to="layer", verbose=False)
+    t = trainer(tmp_path, [swap], enable_checkpointing=False, max_steps=2, **trainer_kwargs)
+    t.fit(module, _regression_loader())
+    assert module.model is not None
+    classes = [type(m).__name__ for m in module.model if "Norm" in type(m).__name__]
+    opt_params = {id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
+    weights = torch.cat([p.detach().flatten() for p in module.parameters()])
+    return classes, opt_params == {id(p) for p in module.parameters()}, module.calls, weights
+
+
+def test_layers_built_in_configure_model_are_swapped(tmp_path) -> None:
+    classes, optimizer_has_them, calls, _ = _fit_configure_model(tmp_path)
+    assert classes == ["LayerNormChannelsFirst", "LayerNormChannelsFirst"]
+    assert optimizer_has_them and calls == 3  # NormSwap's two calls (build, then the check), then Lightning's
+
+
+def test_configure_model_that_rebuilds_is_refused(tmp_path) -> None:
+    module = BuiltInConfigureModel(idempotent=False)
+    t = trainer(tmp_path, [NormSwap(to="layer", verbose=False)], enable_checkpointing=False, max_steps=1)
+    message = r"again replaced 2 of them \(model\.1, model\.4\).*idempotent.*swap_norms\(self, 'layer'\)"
+    with pytest.raises(MisconfigurationException, match=message):
+        t.fit(module, _regression_loader())
+
+
+def _ddp_configure_model(rank: int, world_size: int, root: str) -> tuple[list[str], bool, torch.Tensor]:
+    from pathlib import Path
+
+    classes, optimizer_has_them, _, weights = _fit_configure_model(
+        Path(root), accelerator="cpu", devices=2, strategy="ddp"
+    )
+    return classes, optimizer_has_them, weights
+
+
+def test_layers_built_in_configure_model_are_swapped_under_ddp(tmp_path) -> None:
+    from tests.dist import run_distributed
+
+    results = run_distributed(_ddp_configure_model, 2, str(tmp_path), init_process_group=False, timeout=240)
+    for classes, optimizer_has_them, _ in results:
+        assert classes == ["LayerNormChannelsFirst", "LayerNormChannelsFirst"] and optimizer_has_them
+    torch.testing.assert_close(results[0][2], results[1][2])  # DDP trained the swapped layers in step

@@ -14,6 +14,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
@@ -99,11 +101,21 @@ def _selector_from_state(state: Any) -> Any:
 class NormSwap(Callback):
     """Swap (or insert) normalization layers of the LightningModule when the Trainer sets up.
 
-    Runs at ``setup`` for every stage, before optimizers exist and before a checkpoint is restored, so
-    ``trainer.fit(ckpt_path=...)``, ``validate``, ``test`` and ``predict`` all see the swapped model and the optimizer
-    holds the new parameters. A module is swapped once per callback, however many stages run. Rank zero prints a
-    table of what changed. The settings are saved in the checkpoint; :meth:`load_model` and
-    :meth:`apply_from_checkpoint` rebuild a swapped model outside the Trainer.
+    Runs at ``setup`` for every stage, before optimizers exist, before the strategy wraps the model (DDP, FSDP) and
+    before a checkpoint is restored, so ``trainer.fit(ckpt_path=...)``, ``validate``, ``test`` and ``predict`` all
+    see the swapped model and the optimizer holds the new parameters. A module is swapped once per callback, however
+    many stages run. Rank zero prints a table of what changed (and of the layers left as they were). The settings
+    are saved in the checkpoint; :meth:`load_model` and :meth:`apply_from_checkpoint` rebuild a swapped model
+    outside the Trainer.
+
+    Layers built in ``LightningModule.configure_model`` are swapped too. Lightning calls that hook after every
+    callback's ``setup`` and documents it as idempotent (it runs once per stage), so ``NormSwap.setup`` calls it
+    first, in the contexts Lightning calls it in (``trainer.strategy.tensor_init_context()``,
+    ``model_sharded_context()`` and the precision's ``module_init_context()``), swaps, and calls it once more to
+    check that it keeps what exists: a ``configure_model`` that rebuilds its layers on every call would undo the
+    swap, so ``setup`` raises instead, saying to make it idempotent or to call :func:`lightning_bn.swap_norms` at
+    its end. Layers already sharded by ``fully_shard`` in ``configure_model`` (DTensor parameters) are refused: swap
+    before sharding.
 
     Args:
         to: the target kind, one of :func:`lightning_bn.available_norms` (``"group"``, ``"layer"``, ``"none"`` ...).
@@ -115,7 +127,10 @@ class NormSwap(Callback):
         verbose: print the table of changes on rank zero.
 
     Raises:
-        ValueError: an unknown kind (the message lists the kinds) or options the kind does not take.
+        ValueError: an unknown kind (the message lists the kinds) or options the kind does not take; at setup, a
+            layer whose parameters are DTensors (sharded already: swap before ``fully_shard``).
+        MisconfigurationException: at setup, a ``configure_model`` that replaces the swapped layers when called
+            again (not idempotent).
         pickle.UnpicklingError: from :meth:`load_model` and :meth:`apply_from_checkpoint`, a checkpoint file that
             holds a pickled object other than tensors, plain values and Lightning's ``AttributeDict`` (files are read
             with ``torch.load(weights_only=True)``, so nothing in them runs); the message names the file, what it
@@ -170,14 +185,44 @@ class NormSwap(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if pl_module in self._done:
-            return
-        report = self.apply(pl_module)
-        self._done.add(pl_module)
-        self.last_report = report
-        if self.verbose:
-            action = "inserted" if self.insert else "swapped"
-            rank_zero_info(f"NormSwap({self.to!r}) {action} {len(report)} layer(s)\n{format_report(report)}")
+        builds = is_overridden("configure_model", pl_module, parent=pl.LightningModule)
+        if builds:
+            self._configure_model(trainer, pl_module)
+        first = pl_module not in self._done
+        if first:
+            report = self.apply(pl_module)
+            self._done.add(pl_module)
+            self.last_report = report
+            if self.verbose:
+                action = "inserted" if self.insert else "swapped"
+                rank_zero_info(f"NormSwap({self.to!r}) {action} {len(report)} layer(s)\n{format_report(report)}")
+        if builds and self.last_report:
+            if first:
+                self._configure_model(trainer, pl_module)  # as Lightning will next: it must keep what exists
+            self._check_kept(pl_module, self.last_report)
+
+    @staticmethod
+    def _configure_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Call ``configure_model`` as Lightning does after the callbacks' setup (same contexts; it is idempotent)."""
+        with (
+            trainer.strategy.tensor_init_context(),
+            trainer.strategy.model_sharded_context(),
+            trainer.precision_plugin.module_init_context(),
+        ):
+            pl_module.configure_model()
+
+    def _check_kept(self, pl_module: pl.LightningModule, report: SwapReport) -> None:
+        present = {id(m) for m in pl_module.modules()}
+        lost = [r.name for r in report if id(r.new) not in present]
+        if lost:
+            raise MisconfigurationException(
+                f"NormSwap({self.to!r}) changed {len(report)} layer(s) of {type(pl_module).__name__}, but calling "
+                f"its configure_model again replaced {len(lost)} of them ({', '.join(lost[:5])}"
+                f"{', ...' if len(lost) > 5 else ''}): Lightning calls configure_model once per stage and documents "
+                "it as idempotent. Make it return early when the layers exist (`if self.model is not None: "
+                f"return`), or drop NormSwap and call `lightning_bn.swap_norms(self, {self.to!r})` at the end of "
+                "configure_model."
+            )
 
     @override
     def state_dict(self) -> dict[str, Any]:
