@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 SMOKE_TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint typecheck bench wheel-smoke clean
+.PHONY: setup test demo lint typecheck bench wheel-smoke clean gpu-check
 
 setup: $(STAMP)
 
@@ -49,6 +49,13 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
+
+# Everything that needs a GPU (tests/test_cuda.py and the benchmarks' CUDA rows) in one run of under 8 minutes,
+# log and table to $(OUT). No venv set-up (a GPU machine runs the package from the tree, offline): the venv's
+# python where there is one, else $(PYTHON). Fails at once, saying so, where torch sees no CUDA device.
+gpu-check:
+	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=<folder for gpu_check.log and gpu_check.md>" >&2; exit 2; }
+	PYTHONPATH=. $(if $(wildcard $(PY)),$(PY),$(PYTHON)) scripts/gpu_check.py --out "$(OUT)"
 
 clean:
 	rm -rf $(VENV) lightning_logs wandb .pytest_cache .ruff_cache .mypy_cache demo_logs dist build
