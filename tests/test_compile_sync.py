@@ -148,7 +148,6 @@ def test_one_graph_without_breaks_or_recompiles(compiled_results) -> None:
         assert counters["stats"]["unique_graphs"] == 1
         # The graph count after each step: compiled at the first, never again.
         assert r["compiled"]["graphs"] == [1] * STEPS
-        assert counters["aot_autograd"]["ok"] == 1
 
 
 def test_counters_see_a_graph_break(compiled_results) -> None:
