@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
+from typing_extensions import override
 
 from examples.cnn import CNN, DigitsDataModule
 from lightning_bn.callbacks import NormSwap
@@ -249,6 +251,17 @@ def test_lightning_ddp_two_processes() -> None:
 # ---- real training: 2 nodes x 1 process, launched by torchrun ---------------------------------------------------
 
 
+def _stop_torchrun(proc: subprocess.Popen) -> str:
+    """Stop a torchrun agent and return the rest of its output. SIGTERM first: the agent then stops its worker, which
+    runs in a session of its own that a SIGKILL of the agent would leave behind."""
+    proc.terminate()
+    try:
+        return proc.communicate(timeout=30)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[0]
+
+
 def test_two_nodes_with_torchrun(tmp_path: Path) -> None:
     port = free_port()
     env = {
@@ -270,15 +283,22 @@ def test_two_nodes_with_torchrun(tmp_path: Path) -> None:
         )
         for node in (0, 1)
     ]
-    logs = []
+    deadline = time.monotonic() + 180
+    logs, timed_out = [], False
     try:
         for p in procs:
-            logs.append(p.communicate(timeout=180)[0])
+            try:
+                logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+            except subprocess.TimeoutExpired:  # stop it and report its log, not a bare timeout
+                timed_out = True
+                logs.append(_stop_torchrun(p))
     finally:
         for p in procs:
             if p.poll() is None:
-                p.kill()
-                p.wait()
+                _stop_torchrun(p)
+    if timed_out:
+        pytest.fail("the nodes did not finish within 180 s\n" + "\n".join(
+            f"--- node {node}:\n{log[-4000:]}" for node, log in enumerate(logs)))
     for node, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"node {node} failed:\n{log[-4000:]}"
     n0, n1 = (torch.load(tmp_path / f"node{i}.pt", weights_only=False) for i in (0, 1))
@@ -311,6 +331,20 @@ class _DumpAtTrainEnd(L.Callback):
         torch.save(state, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
 
 
+class _DestroyGroupAtTeardown(L.Callback):
+    """Destroys the default group in each spawned process after the fit, the last thing Lightning does there.
+
+    Lightning leaves a gloo group to interpreter shutdown, where a gloo worker thread can abort the process
+    ("terminate called without an active exception"; see tests/_sync_multinode_script.py). A ddp_spawn user has no
+    code after ``fit`` in the spawned processes, so a callback's ``teardown`` is the place.
+    """
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def test_ddp_spawn(tmp_path: Path) -> None:
     L.seed_everything(0)
     model = CNN(norm="batch", width=8)
@@ -318,7 +352,7 @@ def test_ddp_spawn(tmp_path: Path) -> None:
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp_spawn", plugins=[SyncNormPlugin()], max_steps=2,
         limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[_DumpAtTrainEnd(str(tmp_path))],
+        enable_model_summary=False, callbacks=[_DumpAtTrainEnd(str(tmp_path)), _DestroyGroupAtTeardown()],
     )
     trainer.fit(model, DigitsDataModule(batch_size=16))
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in (0, 1))
