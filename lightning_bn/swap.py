@@ -349,7 +349,9 @@ def swap_norms(
             infos[id(module)] = info
         else:
             reason = unrecognized_reason(module)
-            if reason is not None:
+            module_names = names[id(module)]
+            wanted = not include_l or any(_matches(i, module_names, module) for i in include_l)
+            if reason is not None and wanted and not any(_matches(i, module_names, module) for i in exclude_l):
                 unrecognized.setdefault(reason, []).append(name or "<root>")
     for reason, layer_names in unrecognized.items():  # one warning per class, naming its layers
         warnings.warn(f"{reason} Layers: {', '.join(layer_names)}.", UserWarning, stacklevel=2)

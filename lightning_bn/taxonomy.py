@@ -126,6 +126,7 @@ class _Recipe:
     scale_offset: float = 0.0  # 1.0: the layer scales by `1 + weight` (Gemma)
     shift: str | None = "bias"
     post: tuple[str, ...] = ()
+    post_attr: str | None = None  # an instance attribute holding the post names (SyncNormPlugin's layers)
     layout_attr: str = "layout"
     groups: str | int | None = None
     batch_stats: bool | None = None  # None: kind in BATCH_STAT_KINDS
@@ -208,6 +209,8 @@ _NAMED_TABLE: dict[tuple[str, str], _Recipe] = {
     ("transformers", "Gemma3RMSNorm"): _GEMMA_RMS,
     ("transformers", "CohereLayerNorm"): _r("layer", CL, eps="variance_epsilon", shift=None),
     ("transformers", "ConvNextLayerNorm"): _r("layer", None, channels="normalized_shape", layout_attr="data_format"),
+    # SyncNormPlugin's stand-in for a norm-act layer during a fit (lightning_bn.plugins, which imports Lightning)
+    ("lightning_bn", "_SyncBatchNormThen"): _r("sync_batch", channels="num_features", post_attr="post"),
 }
 
 # Classes whose layout the user declared (subclasses of known norms with a forward of their own).
@@ -318,8 +321,9 @@ def _info(module: nn.Module, recipe: _Recipe, source: str, layout: str | None = 
             and isinstance(getattr(module, "running_var", None), Tensor)
         )
     groups = getattr(module, recipe.groups, None) if isinstance(recipe.groups, str) else recipe.groups
+    names = tuple(getattr(module, recipe.post_attr, ())) if recipe.post_attr else recipe.post
     post = tuple(
-        name for name in recipe.post
+        name for name in names
         if isinstance(getattr(module, name, None), nn.Module) and not isinstance(getattr(module, name), nn.Identity)
     )
     return NormInfo(
@@ -421,18 +425,23 @@ def unrecognized_reason(module: nn.Module) -> str | None:
         return None
     name = type(module).__qualname__
     base = _table_base(type(module))
-    if isinstance(module, _NEVER_PROBED):
-        why = f"it subclasses {base[0].__name__ if base else 'a synchronized norm'} with a forward of its own"
-    elif base is not None:
-        why = (f"it subclasses {base[0].__name__} with a forward of its own, and the probe found none of the "
-               "formulas it knows in what that forward computes")
-    else:
-        why = "the probe found none of the formulas it knows in what its forward computes"
+    formulas = ("layer, RMS, batch, instance or group norm with a per-channel scale and shift, channels-first or "
+                "channels-last")
+    if base is not None:
+        if isinstance(module, _NEVER_PROBED):
+            checked = " (a synchronized norm is not probed)"
+        else:
+            checked = f", and the probe found none of the formulas ({formulas})"
+        return (
+            f"Skipping {name}: it looks like a normalization layer, but it subclasses {base[0].__name__} with a "
+            f"forward of its own{checked}. If it computes what {base[0].__name__} computes, declare its layout with "
+            f"`lightning_bn.declare_norm_layout({type(module).__name__}, 'channels_first' or 'channels_last')` to "
+            f"convert it."
+        )
     return (
-        f"Skipping {name}: it looks like a normalization layer, but {why} (layer, RMS, batch, instance or group norm "
-        f"with per-channel scale and shift, channels-first or channels-last). If it is one, declare its layout with "
-        f"`lightning_bn.declare_norm_layout({type(module).__name__}, 'channels_first' or 'channels_last')` "
-        f"to convert it."
+        f"Skipping {name}: it looks like a normalization layer, but the probe found none of the formulas it knows "
+        f"({formulas}) in what its forward computes, so it is left as it is; exclude it (`exclude=[{name}]`) to "
+        f"silence this."
     )
 
 

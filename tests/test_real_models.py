@@ -90,8 +90,10 @@ def _hf_output(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 def _norm_like_names(model: nn.Module) -> set[str]:
-    """Every module whose class name says it normalizes: what a reader of the model would call its norms."""
-    return {n for n, m in model.named_modules() if "norm" in type(m).__name__.lower()}
+    """Every module whose class name says it normalizes and that holds no weight matrix (timm's
+    ``NormMlpClassifierHead`` is a head): what a reader of the model would call its norms."""
+    return {n for n, m in model.named_modules() if "norm" in type(m).__name__.lower()
+            and all(p.dim() < 2 for p in m.parameters())}
 
 
 def _perturb_norms(model: nn.Module) -> None:
@@ -129,15 +131,20 @@ def _batch_swap_trains_and_normalizes(
     norms = {name for name, _, _ in find_norms(model)}
     report = swap_norms(model, "batch")
     assert {r.name for r in report} | set(report.skipped) == norms
-    outputs: dict[str, tuple[Tensor, Any]] = {}
+    outputs: dict[str, tuple[Tensor, Tensor, Any, Tensor | None, Tensor | None]] = {}
 
     def keep(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, out: Tensor) -> None:
-            outputs[name] = (out.detach(), describe_norm(module[0] if isinstance(module, nn.Sequential) else module))
+            info = describe_norm(module)
+            assert info is not None
+            scale, shift = (None if t is None else t.detach().clone() for t in (info.scale, info.shift))
+            # clone: an in-place activation after the norm (timm: SiLU(inplace=True)) would change them
+            outputs[name] = (args[0].detach().clone(), out.detach().clone(), info, scale, shift)
         return hook
 
-    for record in report:
-        record.new.register_forward_hook(keep(record.name))
+    for record in report:  # on the norm itself, also when an activation follows it (Sequential(norm, act))
+        norm = record.new[0] if isinstance(record.new, nn.Sequential) else record.new
+        norm.register_forward_hook(keep(record.name))
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     losses = []
@@ -149,21 +156,22 @@ def _batch_swap_trains_and_normalizes(
         losses.append(float(value.detach()))
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     assert set(outputs) == {r.name for r in report}
-    for name, (out, info) in outputs.items():
-        assert info is not None and info.kind == "batch", name
-        if info.post:
-            continue  # an activation after the norm: checked on the norm itself in the timm test
+    for name, (x, out, info, scale, shift) in outputs.items():
+        assert info.kind == "batch", name
         cdim = 1 if info.layout == "channels_first" else out.dim() - 1
+        flat_in = x.movedim(cdim, -1).reshape(-1, x.shape[cdim]).double()
         flat = out.movedim(cdim, -1).reshape(-1, out.shape[cdim]).double()
-        scale = info.scale.detach().double() if info.scale is not None else 1.0
-        shift = info.shift.detach().double() if info.shift is not None else 0.0
-        # Output of the last step (before it): undo the affine map with the weights the forward used.
-        normalized = (flat - shift) / scale
-        mask = torch.as_tensor(scale).abs() > 1e-3 if info.scale is not None else torch.ones(flat.shape[1], dtype=bool)
-        torch.testing.assert_close(normalized.mean(0)[mask], torch.zeros(int(mask.sum()), dtype=torch.float64),
-                                   atol=2e-2, rtol=0)
-        torch.testing.assert_close(normalized.var(0, unbiased=False)[mask], torch.ones(int(mask.sum()),
-                                   dtype=torch.float64), atol=5e-2, rtol=0)
+        channels = flat.shape[1]
+        weight = scale.double() if scale is not None else torch.ones(channels, dtype=torch.float64)
+        normalized = (flat - (shift.double() if shift is not None else 0.0)) / weight
+        kept = weight.abs() > 1e-3
+        # Per channel over every batch item and position of its layout: mean 0, variance var / (var + eps).
+        var_in = flat_in.var(0, unbiased=False)
+        expected = var_in / (var_in + info.eps)
+        torch.testing.assert_close(normalized.mean(0)[kept], torch.zeros(int(kept.sum()), dtype=torch.float64),
+                                   atol=2e-3, rtol=0, msg=name)
+        torch.testing.assert_close(normalized.var(0, unbiased=False)[kept], expected[kept], atol=2e-3, rtol=0,
+                                   msg=name)
 
 
 def _weight_leaves(model: nn.Module) -> set[str]:
@@ -258,3 +266,90 @@ def test_batch_norm_recalibration_with_defaults_on_a_module_without_forward(tmp_
     recalibrate_bn(module, list(_token_loader()), forward=lambda m, b: m.model(**b))
     for n in norms:
         torch.testing.assert_close(module.get_submodule(n).running_var, recalibrated[n])
+
+
+# ---------------------------------------------------------------------------------------------------- timm
+def _timm_model(name: str) -> nn.Module:
+    timm = pytest.importorskip("timm")
+    options = {}
+    if name == "efficientnet":  # timm's tiny test model when it has one
+        name = "test_efficientnet" if "test_efficientnet" in timm.list_models() else "efficientnet_b0"
+    else:
+        options["conv_mlp"] = False  # blocks normalize channels-last tokens (LayerNorm), the rest NCHW (LayerNorm2d)
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, num_classes=10, **options)
+
+
+def _image_classes() -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"x": torch.randn(4, 3, 32, 32, generator=g), "y": torch.randint(0, 10, (4,), generator=g)}
+
+
+def _classify(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    return model(batch["x"])
+
+
+@pytest.mark.parametrize(("name", "norm_classes"), [
+    ("convnext_atto", {"LayerNorm2d", "LayerNorm"}),
+    ("efficientnet", {"BatchNormAct2d"}),
+])
+def test_timm_models(name: str, norm_classes: set[str]) -> None:
+    model = _timm_model(name)
+    batch = _image_classes()
+    found = {n for n, _, _ in find_norms(model)}
+    assert found == _norm_like_names(model) and found
+    assert {type(model.get_submodule(n)).__name__ for n in found} == norm_classes
+    selected = {n for n, _ in select_modules(model)}
+    assert selected == found | _weight_leaves(model)
+    assert any(isinstance(model.get_submodule(n), nn.Conv2d) for n in selected)
+
+    act = model.bn1.act if name == "efficientnet" else None
+    _same_kind_swap_is_exact(model, batch, _classify)
+    if act is not None:  # the stem's BatchNormAct2d: its activation, the same module, follows the new norm
+        assert type(model.bn1) is nn.Sequential and type(model.bn1[0]) is nn.BatchNorm2d and model.bn1[1] is act
+
+    model = _timm_model(name)
+    _batch_swap_trains_and_normalizes(
+        model, batch, lambda m, b: nn.functional.cross_entropy(m(b["x"]), b["y"])
+    )
+
+
+def test_timm_batch_norm_act_is_recalibrated_and_synchronized_with_its_activation() -> None:
+    import copy
+
+    from lightning_bn import recalibrate_bn
+    from lightning_bn.plugins import SyncNormPlugin
+
+    model = _timm_model("efficientnet")
+    _perturb_norms(model)
+    x = _image_classes()["x"]
+    # Reference: one training-mode forward with cumulative running statistics reset gives each layer's batch mean
+    # and unbiased variance, each layer seeing the batch-statistics output (activation included) of the ones before.
+    reference = copy.deepcopy(model)
+    for _, module, _ in find_norms(reference):
+        module.reset_running_stats()
+        module.momentum = None
+    reference.train()
+    with torch.no_grad():
+        reference(x)
+    report = recalibrate_bn(model, [x])
+    assert len(report.layers) == len(list(find_norms(model)))
+    for (name, module, _), (_, ref, _) in zip(find_norms(model), find_norms(reference)):
+        torch.testing.assert_close(module.running_mean, ref.running_mean, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(module.running_var, ref.running_var, rtol=1e-4, atol=1e-5, msg=name)
+
+    keys = list(model.state_dict())
+    model.train()
+    with torch.no_grad():
+        before = model(x)
+    plugin = SyncNormPlugin()
+    plugin.apply(model)
+    assert list(model.state_dict()) == keys  # the activation modules kept their names
+    synced = [(type(m).__name__, info.kind, info.post) for _, m, info in find_norms(model)]
+    # With an activation: kept after the synchronized norm; without one (apply_act=False): plain SyncBatchNorm.
+    assert len(synced) == len(report.layers)
+    assert set(synced) == {("_SyncBatchNormThen", "sync_batch", ("act",)), ("SyncBatchNorm", "sync_batch", ())}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
+    plugin.revert(model)
+    assert {type(m).__name__ for _, m, _ in find_norms(model)} == {"BatchNormAct2d"}

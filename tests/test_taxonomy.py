@@ -4,6 +4,8 @@ what they compute (every formula in every layout, look-alikes refused, the probe
 from __future__ import annotations
 
 import importlib
+import re
+import warnings
 
 import pytest
 import torch
@@ -140,10 +142,18 @@ def test_look_alikes_are_not_taken_for_norms() -> None:
     for _, module in model.named_children():
         assert describe_norm(module) is None
     assert probe_norm(model.scale) is None and probe_norm(model.simple) is None
-    with pytest.warns(UserWarning, match=r"Skipping ScaleNorm: it looks like a normalization layer.*Layers: scale\."):
+    with pytest.warns(UserWarning) as caught:
         report = swap_norms(model, "batch")
-    assert len(report) == 0 and "scale" in report.skipped and "norm_proj" not in report.skipped
+    messages = [str(w.message) for w in caught]
+    assert any(re.match(r"Skipping ScaleNorm: it looks like a normalization layer.*exclude=\[ScaleNorm\].*"
+                        r"Layers: scale\.", m) for m in messages), messages
+    assert any(m.startswith("Skipping UnbiasedStdNorm") for m in messages)
+    assert len(report) == 0 and {"scale", "simple"} <= set(report.skipped) and "norm_proj" not in report.skipped
     assert isinstance(model.scale, ScaleNorm)
+    with warnings.catch_warnings():  # excluded by the user: no warning about them
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", "Sequential has no normalization layer")
+        swap_norms(model, "batch", exclude=[ScaleNorm, "simple"])
 
 
 def test_probe_changes_nothing_in_the_module_nor_the_random_state() -> None:
@@ -211,7 +221,7 @@ def test_known_third_party_classes_match_the_probe() -> None:
         "Phi3RMSNorm": "phi3", "T5LayerNorm": "t5", "GemmaRMSNorm": "gemma", "Gemma2RMSNorm": "gemma2",
         "Gemma3RMSNorm": "gemma3", "CohereLayerNorm": "cohere", "ConvNextLayerNorm": "convnext",
     }
-    recorded = [name for (root, name) in taxonomy._NAMED_TABLE if root == "transformers"]
+    recorded = [name for (root, name) in taxonomy._NAMED_TABLE if root == "transformers"]  # timm: test below
     assert sorted(recorded) == sorted(modules)  # a new entry needs its line here
     pytest.importorskip("transformers")
     checked = 0
