@@ -249,7 +249,7 @@ def declare_norm_layout(cls: type[nn.Module], layout: str) -> None:
 
 def known_norm_classes() -> tuple[type[nn.Module], ...]:
     """Torch's and this package's normalization classes the table knows (third-party ones are known by name)."""
-    return tuple(cls for cls, _ in _CLASS_TABLE) + (FrozenBatchNorm,)
+    return tuple(cls for cls, _ in _CLASS_TABLE)
 
 
 # ---------------------------------------------------------------------------------------------------- describing
