@@ -11,6 +11,7 @@ identical buffers, equal to the statistics of the union of all processes' data.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from lightning_bn._checks import check_positive_int
 from lightning_bn.layers import channel_dim
 from lightning_bn.moments import COUNT, channel_moments, mean_var, reduce_across_processes
+from lightning_bn.stats._names import uncompiled_name
 from lightning_bn.taxonomy import NormInfo, describe_norm
 
 __all__ = [
@@ -190,10 +192,15 @@ def recalibratable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m, info in _batch_norms(model) if info.batch_stats and info.running_stats]
 
 
+def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` under the user's names: a ``torch.compile`` wrapper's ``_orig_mod`` left out."""
+    return [(uncompiled_name(name), m) for name, m in model.named_modules()]
+
+
 def _batch_norms(model: nn.Module) -> list[tuple[str, nn.Module, NormInfo]]:
     """Every batch-norm layer (batch statistics in training, or frozen) with its description, in model order."""
     found = []
-    for name, m in model.named_modules():
+    for name, m in _named_modules(model):
         info = describe_norm(m)
         if info is not None and (info.batch_stats or info.kind == "frozen_batch"):
             found.append((name, m, info))
@@ -205,7 +212,7 @@ def _select(
 ) -> tuple[dict[str, nn.Module], dict[str, NormInfo], dict[str, str]]:
     """Layers to recompute, by name in model order, their descriptions, and the batch-norm layers skipped with the
     reason."""
-    named = dict(model.named_modules())
+    named = dict(_named_modules(model))  # a compile wrapper and the module it wraps share a name: the latter wins
     skipped: dict[str, str] = {}
     infos: dict[str, NormInfo] = {}
     for name, _, info in _batch_norms(model):
@@ -452,6 +459,10 @@ def recalibrate_bn(
     forwards and every other buffer are as before afterwards, also when an exception passes through (then the
     running statistics are the old ones too).
 
+    A ``torch.compile``'d model (or one holding compiled submodules) is recalibrated eagerly, under
+    ``torch.compiler.set_stance("force_eager")``: the modes and forwards it changes compile nothing, and the graphs
+    compiled for training are used again afterwards. Layer names are the user's (no ``_orig_mod``).
+
     Recomputed by default: every layer :func:`lightning_bn.describe_norm` describes as normalizing with batch
     statistics and keeping running ones: torch's ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm``, this package's
     batch-norm kinds, third-party ones (timm's ``BatchNormAct2d``, whose activation still follows), channels-first or
@@ -517,6 +528,11 @@ def recalibrate_bn(
     no_input: list[str] = []
     finalized: set[str] = set()
     levels: dict[str, int] = {n: 0 for n in names}
+    eager = contextlib.ExitStack()
+    if hasattr(torch.compiler, "set_stance"):  # torch >= 2.6
+        # Compiled regions run eagerly while the modes and forwards are changed: nothing is traced or compiled for
+        # them, and the graphs compiled for training stay valid (the stance it found is restored on exit).
+        eager.enter_context(torch.compiler.set_stance("force_eager"))
     try:
         model.eval()
         level, max_level = 0, 0
@@ -584,6 +600,8 @@ def recalibrate_bn(
     except BaseException:
         state.restore(keep=set())
         raise
+    finally:
+        eager.close()
     state.restore(keep=keep)
     for name in names:
         if name in new_stats:
