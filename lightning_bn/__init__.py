@@ -5,6 +5,7 @@ batch norm on any backend), and watch per-layer statistics in TensorBoard and W&
 """
 
 from lightning_bn.layers import available_norms, build_norm, register_norm
+from lightning_bn.padding import padding_mask, set_padding_mask_from
 from lightning_bn.recalibrate import recalibrate_bn
 from lightning_bn.swap import insert_norms, swap_norms
 from lightning_bn.taxonomy import NormInfo, declare_norm_layout, describe_norm
@@ -19,7 +20,9 @@ __all__ = [
     "declare_norm_layout",
     "describe_norm",
     "insert_norms",
+    "padding_mask",
     "recalibrate_bn",
     "register_norm",
+    "set_padding_mask_from",
     "swap_norms",
 ]

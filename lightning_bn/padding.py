@@ -1,0 +1,143 @@
+"""Padding-aware batch statistics: :func:`padding_mask` marks the real tokens of a padded batch.
+
+While a mask is active, every batch statistic of a tensor whose non-channel dimensions match the mask counts real
+tokens only: the batch-statistics layers (their normalization and their running-statistics update), synchronized
+batch norm across processes, :func:`lightning_bn.recalibrate_bn` and :class:`lightning_bn.callbacks.LayerStatsMonitor`.
+
+The mask is ``(N, T)`` for tokens ``(N, T, C)`` (in general ``(N, *)``, the input's shape without its channel
+dimension), boolean, True at a real token. Masks nest: the innermost one is active. The state is a plain module-level
+list, which ``torch.compile`` guards on like any other global, so a compiled forward sees the mask as a graph input.
+
+Example::
+
+    with padding_mask(attention_mask.bool()):
+        logits = model(tokens)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PaddingMaskHooks", "active_padding_mask", "mask_for", "padding_mask", "set_padding_mask_from"]
+
+# The innermost active mask is the last entry. Not thread-local: dynamo traces a plain global, not threading.local.
+_ACTIVE: list[Tensor] = []
+
+
+def _check_mask(mask: Any) -> Tensor:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"`mask` must be a boolean torch.Tensor of shape (N, *), got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"`mask` must be a boolean tensor (True at a real token), got dtype {mask.dtype}; "
+            "pass e.g. `attention_mask.bool()`"
+        )
+    if mask.dim() < 1:
+        raise ValueError(f"`mask` must have shape (N, *) with at least one dimension, got shape {tuple(mask.shape)}")
+    return mask
+
+
+@contextlib.contextmanager
+def padding_mask(mask: Tensor) -> Iterator[Tensor]:
+    """Count only the real tokens (``mask`` True) in every batch statistic computed inside the block.
+
+    Args:
+        mask: boolean ``(N, *)``, the shape of the inputs without their channel dimension; True at a real token.
+
+    Raises:
+        TypeError: ``mask`` is not a boolean tensor.
+        ValueError: ``mask`` has no dimension.
+    """
+    _ACTIVE.append(_check_mask(mask))
+    try:
+        yield mask
+    finally:
+        _ACTIVE.pop()
+
+
+def active_padding_mask() -> Tensor | None:
+    """The innermost active mask, or ``None`` outside :func:`padding_mask`."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+def mask_for(x: Tensor, channel_dim: int, *, strict: bool = False, name: str = "") -> Tensor | None:
+    """The active mask if it fits ``x``'s dimensions other than ``channel_dim``, else ``None``.
+
+    With ``strict`` a mask that does not fit raises a ``ValueError`` naming ``name`` (a layer), the input shape and
+    the mask shape; a layer that computes batch statistics is strict, the monitor is not (it summarizes such a
+    tensor whole).
+    """
+    mask = active_padding_mask()
+    if mask is None:
+        return None
+    cdim = channel_dim % x.dim()
+    rest = x.shape[:cdim] + x.shape[cdim + 1 :]
+    if tuple(rest) == tuple(mask.shape):
+        return mask
+    if strict:
+        raise ValueError(
+            f"padding_mask of shape {tuple(mask.shape)} does not fit the input of {name or 'a layer'}: input shape "
+            f"{tuple(x.shape)} with channels in dimension {cdim}, so the mask must have shape {tuple(rest)}"
+        )
+    return None
+
+
+def set_padding_mask_from(
+    model: nn.Module, argument: str = "attention_mask", *, position: int | None = None
+) -> PaddingMaskHooks:
+    """Make every forward of ``model`` run under ``padding_mask(<argument> != 0)``, without editing the model.
+
+    A forward pre-hook on ``model`` reads the keyword ``argument`` (or positional argument ``position``) and enters
+    the mask; a forward hook, called even when the forward raises, leaves it. Forwards without the argument (or with
+    ``None``) run without a mask. Returns a handle whose ``remove()`` takes both hooks off.
+
+    Example (a Hugging Face model, whose ``attention_mask`` is 1 at a real token)::
+
+        handle = set_padding_mask_from(bert)
+        bert(input_ids, attention_mask=attention_mask)   # batch norms inside count real tokens only
+        handle.remove()
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(argument, str) or not argument:
+        raise ValueError(f"`argument` must be the name of the forward's mask argument, got {argument!r}")
+    entered: list[contextlib.ExitStack] = []
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        value = kwargs.get(argument)
+        if value is None and position is not None and len(args) > position:
+            value = args[position]
+        stack = contextlib.ExitStack()
+        if value is not None:
+            stack.enter_context(padding_mask(value if value.dtype == torch.bool else value != 0))
+        entered.append(stack)
+
+    def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if entered:
+            entered.pop().close()
+
+    pre = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    post = model.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
+    return PaddingMaskHooks(pre, post)
+
+
+class PaddingMaskHooks:
+    """The two hooks of :func:`set_padding_mask_from`, removed together (also as a context manager)."""
+
+    def __init__(self, *handles: torch.utils.hooks.RemovableHandle) -> None:
+        self._handles = handles
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def __enter__(self) -> PaddingMaskHooks:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
