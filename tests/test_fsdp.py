@@ -18,8 +18,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_bn.callbacks import LayerStatsMonitor
-from lightning_bn.moments import shard_copies
+from lightning_bn.callbacks import LayerStatsMonitor, LossLandscapeProbe, NormSwap
+from lightning_bn.moments import dtensor_norms, shard_copies, shard_sums_of_squares
 from lightning_bn.plugins import SyncNormPlugin
 from tests.dist import run_distributed
 
@@ -48,7 +48,7 @@ def _net() -> nn.Sequential:
 
 
 class Net(L.LightningModule):
-    def __init__(self, sync_in_configure: bool = False, swap_in_configure: str | None = None) -> None:
+    def __init__(self, sync_in_configure: bool = False, swap_in_configure: dict | None = None) -> None:
         super().__init__()
         self.net = _net()
         self.sync_in_configure, self.swap_in_configure = sync_in_configure, swap_in_configure
@@ -59,7 +59,7 @@ class Net(L.LightningModule):
         if self.swap_in_configure:
             from lightning_bn import swap_norms
 
-            swap_norms(self.net, self.swap_in_configure)
+            swap_norms(self.net, **self.swap_in_configure)
         if self.sync_in_configure:
             SyncNormPlugin().apply(self.net)
         fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
@@ -132,9 +132,99 @@ def _fit_once(strategy: object, sync_plugin: bool) -> dict:
     }
 
 
+class BuildsNormInConfigure(Net):
+    """A configure_model that builds a norm and shards it: nothing can swap it afterwards."""
+
+    def configure_model(self) -> None:
+        if not hasattr(self, "head"):
+            self.head = nn.BatchNorm1d(3)
+            fully_shard(self.head, mesh=self.device_mesh["data_parallel"])
+        super().configure_model()
+
+
+def _swap_once(strategy: object, model: Net, callbacks: list) -> dict:
+    trainer = _trainer(strategy, callbacks)
+    trainer.fit(model)
+    return {
+        "classes": {n: type(m).__name__ for n, m in model.net.named_children()},
+        "sharded": [n for n, p in model.net.named_parameters() if shard_copies(p) is not None],
+        "weights": {n: _full(p.detach()).clone() for n, p in model.net.named_parameters()},
+        "unsynced_bn": _bn_buffers(model.net),  # net.5 stays a plain batch norm, synchronized by nothing
+    }
+
+
+def _error(fn: object) -> str:
+    try:
+        fn()  # type: ignore[operator]
+    except Exception as err:  # noqa: BLE001 - the message is what the test checks
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
+def _refusals() -> dict:
+    out = {}
+    L.seed_everything(0)
+    swap = NormSwap(to="group", num_groups=1, verbose=False)
+    out["norm_swap"] = _error(lambda: _trainer(_model_parallel(), [swap]).fit(BuildsNormInConfigure()))
+    monitor = LayerStatsMonitor(log_every_n_steps=1)
+    two_d = ModelParallelStrategy()  # data_parallel=1 x tensor_parallel=2 on one node
+    out["monitor_2d"] = _error(lambda: _trainer(two_d, [monitor]).fit(Net()))
+    probe = LossLandscapeProbe(every_n_steps=1)
+    out["probe"] = _error(lambda: _trainer(_model_parallel(), [probe]).fit(Net()))
+    # SyncNormPlugin.apply after fully_shard: refused, and the model is left as it was
+    from torch.distributed.device_mesh import init_device_mesh
+
+    net = _net()
+    fully_shard(net, mesh=init_device_mesh("cpu", (WORLD,)))
+    before = [type(m) for m in net.modules()]
+    out["plugin_after_shard"] = _error(lambda: SyncNormPlugin().apply(net))
+    out["plugin_left_model"] = [type(m) for m in net.modules()] == before
+    return out
+
+
+def _dtensor_norms(rank: int) -> dict:
+    """Known tensors, distributed over 1-D and 2-D meshes, against the norms of the full tensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    mesh_2d = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("dp", "tp"))
+    g = torch.Generator().manual_seed(3)
+    cases = [  # (full tensor, mesh, placements): uneven first dimensions, a shard left empty, replicas
+        (torch.randn(5, 3, generator=g), mesh, [Shard(0)]),
+        (torch.randn(1, 4, generator=g), mesh, [Shard(0)]),  # rank 1's shard is empty
+        (torch.randn(7, generator=g), mesh, [Shard(0)]),
+        (torch.randn(3, 5, generator=g), mesh, [Shard(1)]),
+        (torch.randn(4, 2, generator=g), mesh, [Replicate()]),  # every process holds it all: counted once
+        (torch.randn(5, 2, generator=g), mesh_2d, [Shard(0), Replicate()]),
+        (torch.randn(3, 3, generator=g), mesh_2d, [Replicate(), Replicate()]),
+    ]
+    tensors = [distribute_tensor(full, m, placements) for full, m, placements in cases]
+    partial = torch.distributed.tensor.DTensor.from_local(torch.ones(2), mesh, [Partial()])
+    return {
+        "full": torch.stack([full.double().norm() for full, _, _ in cases]),
+        "reduced": dtensor_norms(tensors),
+        "local": torch.stack([t.to_local().double().norm() for t in tensors]),
+        "local_sizes": [t.to_local().numel() for t in tensors],
+        "shares": torch.stack(shard_sums_of_squares(tensors)),
+        "partial": _error(lambda: dtensor_norms([partial])),
+        "plain": _error(lambda: dtensor_norms([torch.ones(3)])),
+    }
+
+
 def _runs(rank: int, world_size: int) -> dict:
     out = {"fsdp": _fit_once(_model_parallel(), sync_plugin=True)}
     out["ddp"] = _fit_once("ddp", sync_plugin=True)
+    swap = {"to": "group", "num_groups": 1, "include": "net.1", "verbose": False}
+    L.seed_everything(0)
+    out["swap_fsdp"] = _swap_once(_model_parallel(), Net(), [NormSwap(**swap)])
+    L.seed_everything(0)
+    out["swap_ddp"] = _swap_once("ddp", Net(), [NormSwap(**swap)])
+    L.seed_everything(0)
+    in_configure = {"to": "group", "num_groups": 1, "include": "1"}
+    out["swap_in_configure"] = _swap_once(_model_parallel(), Net(swap_in_configure=in_configure), [])
+    out["refused"] = _refusals()
+    out["norms"] = _dtensor_norms(rank)
     return out
 
 
@@ -181,9 +271,11 @@ def test_param_figures_are_of_full_tensors(runs: list[dict]) -> None:
     scalars = runs[0]["fsdp"]["history"][0][1]
     uneven = 0
     for name, w in _net().named_parameters():
+        w = w.detach()
         assert _close(scalars[f"param/norm/net.{name}"], float(w.norm())), name
-        shard = w.detach()[: math.ceil(w.shape[0] / WORLD)]  # rank 0's shard (fully_shard splits dim 0)
-        assert not _close(float(shard.norm()), float(w.norm()), rel=1e-3)  # what a per-shard figure would say
+        shard = w[: math.ceil(w.shape[0] / WORLD)]  # rank 0's shard (fully_shard splits dim 0)
+        if w.norm() > 0:  # (a zero bias has zero norm in every shard)
+            assert not _close(float(shard.norm()), float(w.norm()), rel=1e-3)  # what a per-shard figure would say
         uneven += w.shape[0] % WORLD
     assert uneven > 0  # some first dimension does not divide by the processes
 
@@ -200,3 +292,46 @@ def test_sync_plugin_in_configure_model_synchronizes(runs: list[dict]) -> None:
     for name, value in runs[0]["fsdp"]["trained_bn"].items():
         torch.testing.assert_close(value, runs[1]["fsdp"]["trained_bn"][name], rtol=0, atol=0)
         torch.testing.assert_close(value, runs[0]["ddp"]["trained_bn"][name], rtol=1e-5, atol=1e-6)
+
+
+def test_norm_swap_under_model_parallel_swaps_before_sharding(runs: list[dict]) -> None:
+    """NormSwap swaps the layers built in __init__ before configure_model shards them; the same as swap_norms in
+    configure_model before fully_shard, and as NormSwap under DDP (same weights after training)."""
+    fsdp, in_configure, ddp = (runs[0][k] for k in ("swap_fsdp", "swap_in_configure", "swap_ddp"))
+    for run in (fsdp, in_configure, ddp):
+        assert run["classes"]["1"] == "GroupNorm" and run["classes"]["5"] == "BatchNorm1d"
+    assert "1.weight" in fsdp["sharded"] and "1.weight" in in_configure["sharded"] and not ddp["sharded"]
+    for name, w in ddp["weights"].items():
+        torch.testing.assert_close(fsdp["weights"][name], w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(in_configure["weights"][name], w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(runs[1]["swap_fsdp"]["weights"][name], fsdp["weights"][name], rtol=0, atol=0)
+    # negative control for the plugin test: a batch norm nothing synchronizes differs between the ranks
+    assert not torch.equal(fsdp["unsynced_bn"]["5.running_mean"], runs[1]["swap_fsdp"]["unsynced_bn"]["5.running_mean"])
+
+
+def test_refusals_name_the_strategy_and_what_to_do(runs: list[dict]) -> None:
+    for refused in (runs[0]["refused"], runs[1]["refused"]):
+        assert refused["norm_swap"].startswith("ValueError") and "head" in refused["norm_swap"]
+        assert "before fully_shard" in refused["norm_swap"]
+        assert refused["monitor_2d"].startswith("ValueError")
+        assert "data_parallel=1 x tensor_parallel=2" in refused["monitor_2d"]
+        assert refused["probe"].startswith("ValueError") and "ModelParallelStrategy" in refused["probe"]
+        assert refused["plugin_after_shard"].startswith("ValueError")
+        assert "before fully_shard" in refused["plugin_after_shard"]
+        assert refused["plugin_left_model"]
+
+
+def test_dtensor_norms_of_known_shards(runs: list[dict]) -> None:
+    first, second = runs[0]["norms"], runs[1]["norms"]
+    torch.testing.assert_close(first["reduced"], first["full"], rtol=1e-12, atol=0)
+    torch.testing.assert_close(second["reduced"], first["full"], rtol=1e-12, atol=0)
+    torch.testing.assert_close(first["shares"] + second["shares"], first["full"] ** 2, rtol=1e-12, atol=0)
+    assert first["local_sizes"][1] == 4 and second["local_sizes"][1] == 0  # an empty shard
+    assert first["local_sizes"][0] == 9 and second["local_sizes"][0] == 6  # uneven: 3 + 2 rows of 3
+    # negative controls: a shard's own norm (the per-shard figure) is not the norm, sharded or replicated
+    sharded = [0, 2, 3, 5]
+    assert not torch.allclose(first["local"][sharded], first["full"][sharded], rtol=1e-3)
+    replicated = [4, 6]  # the local norm of a replica is the full norm, and must be counted once, not twice
+    torch.testing.assert_close(first["local"][replicated], first["full"][replicated])
+    assert "Partial" in first["partial"] and first["partial"].startswith("ValueError")
+    assert first["plain"].startswith("TypeError") and "tensors[0]" in first["plain"]

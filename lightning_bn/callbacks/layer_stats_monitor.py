@@ -153,9 +153,17 @@ class LayerStatsMonitor(Callback):
         alert_thresholds: :class:`lightning_bn.stats.AlertThresholds` (or a dict of its fields).
         process_group: the group to reduce over (default: the world).
 
+    Sharded training (Lightning's ``ModelParallelStrategy``, ``fully_shard`` in ``configure_model``): parameters
+    and gradients are DTensors; ``param/*``, ``grad/*``, ``update/*``, ``bn/frac_small_gamma`` and the parameter
+    and gradient histograms are those of the full, unsharded tensors, from each shard's sums of squares, maxima and
+    bin counts (bin edges are fixed, so counts add up), reduced in the same one collective; full parameters are never
+    gathered. Activation figures are reduced over the data-parallel processes as under DDP, so every figure equals
+    that of the same run under DDP. Only a 1-D data-parallel mesh is supported (see :meth:`check_strategy`).
+
     Raises:
         ValueError: an ``*_every_n_*`` argument that is not a positive int (or None where allowed), an unknown
-            statistic in ``heatmap_stats``, a negative tolerance, or bad alert thresholds.
+            statistic in ``heatmap_stats``, a negative tolerance, or bad alert thresholds; at setup, a
+            ``ModelParallelStrategy`` with ``tensor_parallel_size`` > 1 (a 2-D mesh).
         TypeError: an entry of ``include``/``exclude`` that is neither a module class nor a str.
 
     Example::
@@ -292,6 +300,40 @@ class LayerStatsMonitor(Callback):
             if collector is not None:
                 collector.detach()
         self._step, self._stepped = None, False
+
+    @staticmethod
+    def check_strategy(strategy: Any) -> None:
+        """Refuse a ``ModelParallelStrategy`` whose mesh has a tensor-parallel dimension of more than one process.
+
+        Under a 1-D (data-parallel) mesh every figure is exact: sharded parameters give the figures of their full
+        tensors and activations are reduced over the data-parallel processes, as under DDP. On a 2-D mesh (data
+        parallel x tensor parallel) the processes of a tensor-parallel group see the same batch, their outputs are
+        shards or copies depending on the layer's plan, and the loss is not averaged over them; the activation and
+        batch-norm figures reduced over every process would count a batch once per tensor-parallel process and the
+        activation gradients would be scaled by the wrong count. That case is not implemented.
+
+        Raises:
+            ValueError: the strategy's mesh has ``tensor_parallel`` of size > 1 (the message names the mesh).
+        """
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if not isinstance(strategy, ModelParallelStrategy):
+            return
+        mesh = strategy.device_mesh
+        names = tuple(mesh.mesh_dim_names or ())
+        sizes = dict(zip(names, mesh.mesh.shape))
+        if sizes.get("tensor_parallel", 1) > 1:
+            shape = " x ".join(f"{name}={size}" for name, size in sizes.items())
+            raise ValueError(
+                f"LayerStatsMonitor supports ModelParallelStrategy on a 1-D data-parallel mesh only, got a mesh of "
+                f"{shape}: with tensor parallelism the activation, batch-norm and activation-gradient figures are not "
+                "those of the model. Use ModelParallelStrategy(data_parallel_size=<processes>, tensor_parallel_size=1) "
+                "with fully_shard over device_mesh['data_parallel'], or leave the monitor out."
+            )
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.check_strategy(trainer.strategy)
 
     # ------------------------------------------------------------------ training
     @override
