@@ -333,7 +333,7 @@ class LayerStatsMonitor(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.check_strategy(trainer.strategy)
+        self.check_strategy(getattr(trainer, "strategy", None))
 
     # ------------------------------------------------------------------ training
     @override

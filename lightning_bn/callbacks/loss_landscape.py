@@ -256,7 +256,7 @@ class LossLandscapeProbe(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        if isinstance(trainer.strategy, ModelParallelStrategy):
+        if isinstance(getattr(trainer, "strategy", None), ModelParallelStrategy):
             # Sharded parameters (DTensor): the probe's steps along the gradient and its buffer copies are not
             # written for shards, and a wrong landscape is worse than none.
             raise ValueError(
