@@ -212,6 +212,33 @@ def _dtensor_norms(rank: int) -> dict:
     }
 
 
+def _collector_on_shards(rank: int) -> dict:
+    """The collector alone (no Trainer) on a net sharded with fully_shard: figures of the full tensors, and a
+    reduction over a group that is not the parameters' mesh refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_bn.stats import LayerStatsCollector
+
+    net = _net()
+    full = {n: p.detach().clone() for n, p in net.named_parameters()}
+    fully_shard(net, mesh=init_device_mesh("cpu", (WORLD,)))
+    collector = LayerStatsCollector(list(net.named_children()))
+    collector.attach(histograms=True)
+    x = _data().tensors[0][rank * BATCH : (rank + 1) * BATCH]
+    net(x).square().mean().backward()
+    collector.detach()
+    collector.record_params()
+    stats = collector.finalize()
+    groups = [torch.distributed.new_group([r]) for r in range(WORLD)]  # every rank creates every group
+    return {
+        "norms": {n: stats.scalars[f"param/norm/{n}"] for n in full},
+        "full": {n: float(w.norm()) for n, w in full.items()},
+        "hist_counts": {n: float(stats.histograms[f"param/hist/{n}"][1].sum()) for n in full},
+        "numel": {n: w.numel() for n, w in full.items()},
+        "own_group": _error(lambda: collector.finalize(groups[rank])),
+    }
+
+
 def _runs(rank: int, world_size: int) -> dict:
     out = {"fsdp": _fit_once(_model_parallel(), sync_plugin=True)}
     out["ddp"] = _fit_once("ddp", sync_plugin=True)
@@ -225,6 +252,7 @@ def _runs(rank: int, world_size: int) -> dict:
     out["swap_in_configure"] = _swap_once(_model_parallel(), Net(swap_in_configure=in_configure), [])
     out["refused"] = _refusals()
     out["norms"] = _dtensor_norms(rank)
+    out["collector"] = _collector_on_shards(rank)
     return out
 
 
@@ -335,3 +363,13 @@ def test_dtensor_norms_of_known_shards(runs: list[dict]) -> None:
     torch.testing.assert_close(first["local"][replicated], first["full"][replicated])
     assert "Partial" in first["partial"] and first["partial"].startswith("ValueError")
     assert first["plain"].startswith("TypeError") and "tensors[0]" in first["plain"]
+
+
+def test_collector_on_sharded_parameters(runs: list[dict]) -> None:
+    for run in runs:
+        got = run["collector"]
+        for name, norm in got["full"].items():
+            assert _close(got["norms"][name], norm), name
+            assert got["hist_counts"][name] == got["numel"][name]  # every element of the full tensor binned once
+        assert got["own_group"].startswith("ValueError") and "mesh of 2 processes" in got["own_group"]
+        assert "group of 1" in got["own_group"]

@@ -606,7 +606,7 @@ class LayerStatsCollector:
         device = self._device()
         world = distributed_world_size(group) if reduce else 1
         spec = self._spec(act_grad_scale)
-        if world > 1:
+        if reduce:  # also for a group of one: the shares of a shard are not the figures of the full tensor
             self._check_meshes(group, world)
         declared = tuple(self._declare(spec, spread=world > 1))
         layout = self._layouts.get(declared)
