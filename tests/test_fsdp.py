@@ -9,6 +9,7 @@ statistics after training (synchronized by ``SyncNormPlugin``) and after recalib
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning as L
 import pytest
@@ -120,12 +121,15 @@ def _fit_once(strategy: object, sync_plugin: bool) -> dict:
 
     plugins = [SyncNormPlugin()] if sync_plugin and not isinstance(strategy, ModelParallelStrategy) else []
     trainer = _trainer(strategy, [monitor, Watch()], plugins)
-    trainer.fit(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model)
     histograms = {t: (e.tolist(), c.tolist()) for t, (e, c) in monitor.last_stats.histograms.items()}
     return {
         "history": monitor.history,
         "histograms": histograms,
         "steps": monitor.collected_steps,
+        "warnings": [str(w.message) for w in caught if "not synchronized" in str(w.message)],
         "recalibrated": _bn_buffers(model.net),
         "weights": {n: _full(p.detach()).clone() for n, p in model.net.named_parameters()},
         **seen,
@@ -144,8 +148,11 @@ class BuildsNormInConfigure(Net):
 
 def _swap_once(strategy: object, model: Net, callbacks: list) -> dict:
     trainer = _trainer(strategy, callbacks)
-    trainer.fit(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model)
     return {
+        "warnings": [str(w.message) for w in caught if "not synchronized" in str(w.message)],
         "classes": {n: type(m).__name__ for n, m in model.net.named_children()},
         "sharded": [n for n, p in model.net.named_parameters() if shard_copies(p) is not None],
         "weights": {n: _full(p.detach()).clone() for n, p in model.net.named_parameters()},
@@ -244,9 +251,11 @@ def _runs(rank: int, world_size: int) -> dict:
     out["ddp"] = _fit_once("ddp", sync_plugin=True)
     swap = {"to": "group", "num_groups": 1, "include": "net.1", "verbose": False}
     L.seed_everything(0)
-    out["swap_fsdp"] = _swap_once(_model_parallel(), Net(), [NormSwap(**swap)])
+    monitor = LayerStatsMonitor(log_every_n_steps=100, heatmap_every_n_logs=None)
+    out["swap_fsdp"] = _swap_once(_model_parallel(), Net(), [NormSwap(**swap), monitor])
     L.seed_everything(0)
-    out["swap_ddp"] = _swap_once("ddp", Net(), [NormSwap(**swap)])
+    monitor = LayerStatsMonitor(log_every_n_steps=100, heatmap_every_n_logs=None)
+    out["swap_ddp"] = _swap_once("ddp", Net(), [NormSwap(**swap), monitor])
     L.seed_everything(0)
     in_configure = {"to": "group", "num_groups": 1, "include": "1"}
     out["swap_in_configure"] = _swap_once(_model_parallel(), Net(swap_in_configure=in_configure), [])
@@ -333,6 +342,12 @@ def test_norm_swap_under_model_parallel_swaps_before_sharding(runs: list[dict]) 
         torch.testing.assert_close(fsdp["weights"][name], w, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(in_configure["weights"][name], w, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(runs[1]["swap_fsdp"]["weights"][name], fsdp["weights"][name], rtol=0, atol=0)
+    # the monitor says that nothing synchronizes net.5 under ModelParallelStrategy (not under DDP, where a plugin
+    # would have been called); in the monitor runs, whose batch norms are synchronized, it says nothing
+    assert len(fsdp["warnings"]) == 1 and "net.5" in fsdp["warnings"][0] and "net.1" not in fsdp["warnings"][0]
+    assert "SyncNormPlugin().apply" in fsdp["warnings"][0]
+    assert not runs[1]["swap_fsdp"]["warnings"]  # rank zero writes it
+    assert not ddp["warnings"] and not runs[0]["fsdp"]["warnings"]
     # negative control for the plugin test: a batch norm nothing synchronizes differs between the ranks
     assert not torch.equal(fsdp["unsynced_bn"]["5.running_mean"], runs[1]["swap_fsdp"]["unsynced_bn"]["5.running_mean"])
 

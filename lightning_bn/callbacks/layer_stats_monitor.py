@@ -159,6 +159,8 @@ class LayerStatsMonitor(Callback):
     bin counts (bin edges are fixed, so counts add up), reduced in the same one collective; full parameters are never
     gathered. Activation figures are reduced over the data-parallel processes as under DDP, so every figure equals
     that of the same run under DDP. Only a 1-D data-parallel mesh is supported (see :meth:`check_strategy`).
+    That strategy never calls a ``LayerSync`` plugin, so when training starts the monitor warns (once, on rank zero)
+    naming the batch-norm layers that nothing synchronizes (:meth:`unsynchronized_batch_norms`).
 
     Raises:
         ValueError: an ``*_every_n_*`` argument that is not a positive int (or None where allowed), an unknown
@@ -336,8 +338,37 @@ class LayerStatsMonitor(Callback):
         self.check_strategy(getattr(trainer, "strategy", None))
 
     # ------------------------------------------------------------------ training
+    @staticmethod
+    def unsynchronized_batch_norms(strategy: Any, model: nn.Module) -> list[str]:
+        """Under ``ModelParallelStrategy`` with several processes: the batch-norm layers of ``model`` that nothing
+        synchronizes. That strategy never calls a ``LayerSync`` plugin (``SyncNormPlugin``, ``sync_batchnorm=True``),
+        so such a plugin does nothing there, and cannot say so itself."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        from lightning_bn.taxonomy import describe_norm
+
+        if not isinstance(strategy, ModelParallelStrategy) or getattr(strategy, "world_size", 1) < 2:
+            return []
+        names = []
+        for name, module in model.named_modules():
+            info = describe_norm(module)
+            if info is not None and info.batch_stats and info.kind != "sync_batch":
+                if not getattr(module, "sync_stats", False):  # batch renorm and ghost batch norm switched on
+                    names.append(name)
+        return names
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        unsynced = self.unsynchronized_batch_norms(getattr(trainer, "strategy", None), pl_module)
+        if unsynced:
+            self._warn_once(
+                "unsynchronized_bn",
+                f"LayerStatsMonitor: under ModelParallelStrategy the batch-norm layers {', '.join(unsynced[:5])}"
+                f"{', ...' if len(unsynced) > 5 else ''} are not synchronized: this strategy never calls a LayerSync "
+                "plugin (plugins=[SyncNormPlugin()], sync_batchnorm=True), so each process keeps its own running "
+                "statistics (see bn/running_spread). To synchronize, call SyncNormPlugin().apply(module) in "
+                "configure_model before fully_shard.",
+            )
         self._train = self._collector(pl_module, validation=False)
 
     @override
