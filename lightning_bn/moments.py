@@ -39,6 +39,9 @@ __all__ = [
     "tensor_summary",
     "summary_to_figures",
     "SUMMARY_FIELDS",
+    "shard_copies",
+    "shard_sums_of_squares",
+    "dtensor_norms",
 ]
 
 # mean_var and summary_to_figures take torch tensors or numpy arrays (the monitor finishes its figures on the host)
@@ -274,3 +277,83 @@ def summary_to_figures(summary: Array) -> dict[str, Array]:
         "frac_zero": zeros / numel,
         "frac_nonfinite": nonfinite / numel,
     }
+
+
+# Sharded parameters (``torch.distributed.tensor.DTensor``, as ``fully_shard`` makes them): the norm of the full
+# tensor from each process's shard, never gathering the tensor.
+def shard_copies(tensor: Tensor) -> tuple[Tensor, int] | None:
+    """``(local shard, copies)`` of a DTensor, or None for a plain tensor.
+
+    ``copies`` is how many processes of the tensor's mesh hold each of its elements: the product of the mesh
+    dimensions it is replicated over (1 when it is sharded over every dimension). A sum over the mesh's processes
+    of ``f(local) / copies``, for ``f`` a sum over elements, is ``f`` of the full tensor.
+
+    Raises:
+        ValueError: a placement that is neither ``Shard`` nor ``Replicate`` (a ``Partial`` tensor holds summands,
+            not elements: its norm is not a sum over shards).
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return None
+    if not isinstance(tensor, DTensor):
+        return None
+    copies = 1
+    for dim, placement in enumerate(tensor.placements):
+        if placement.is_replicate():
+            copies *= tensor.device_mesh.size(dim)
+        elif not placement.is_shard():
+            raise ValueError(
+                f"a DTensor with placement {placement} on mesh dimension {dim} ({tensor.device_mesh}) has no norm "
+                "computable from its shards; only Shard and Replicate placements are, got placements "
+                f"{tuple(tensor.placements)}"
+            )
+    return tensor.to_local(), copies
+
+
+def shard_sums_of_squares(tensors: list[Tensor], dtype: torch.dtype = torch.float64) -> list[Tensor]:
+    """Each DTensor's share of its full tensor's sum of squares: summed over the processes of its mesh, the sum
+    of squares of the full (unsharded) tensor, for the norm ``sqrt`` of that sum. In ``dtype``, one foreach kernel.
+
+    An empty shard (a first dimension that does not divide by the mesh size leaves the last processes less or
+    nothing) shares 0.
+
+    Raises:
+        TypeError: a tensor that is no DTensor (a plain tensor is whole on every process: its norm needs no sum).
+        ValueError: a placement other than ``Shard`` or ``Replicate`` (see :func:`shard_copies`).
+    """
+    shards: list[tuple[Tensor, int]] = []
+    for k, t in enumerate(tensors):
+        shard = shard_copies(t)
+        if shard is None:
+            raise TypeError(f"`tensors[{k}]` must be a DTensor, got a {type(t).__name__}")
+        shards.append(shard)
+    if not shards:
+        return []
+    norms = torch._foreach_norm([local.detach() for local, _ in shards], 2, dtype=dtype)
+    return [n * n / copies for n, (_, copies) in zip(norms, shards)]
+
+
+def dtensor_norms(tensors: list[Tensor], group: dist.ProcessGroup | None = None) -> Tensor:
+    """The L2 norms (float64) of the full tensors of DTensors, from their shards in one all-reduce.
+
+    Every process of ``group`` must call it with the same tensors' shards. ``group`` (default: the world) must
+    hold exactly the processes of every tensor's mesh.
+
+    Raises:
+        ValueError: a tensor whose mesh has a different number of processes than ``group``, or a placement other
+            than ``Shard`` or ``Replicate``.
+        TypeError: a tensor that is no DTensor.
+    """
+    world = distributed_world_size(group)
+    for k, t in enumerate(tensors):
+        mesh = getattr(t, "device_mesh", None)
+        if mesh is not None and mesh.size() != world:
+            raise ValueError(
+                f"`tensors[{k}]` lives on a mesh of {mesh.size()} processes ({mesh}), but `group` has {world}: the "
+                "norm is a sum over the processes of the tensor's mesh; pass that mesh's group"
+            )
+    shares = shard_sums_of_squares(tensors)
+    if not shares:
+        return torch.zeros(0, dtype=torch.float64)
+    return reduce_across_processes(torch.stack(shares), group=group).sqrt()

@@ -158,9 +158,19 @@ class LayerStatsMonitor(Callback):
         alert_thresholds: :class:`lightning_bn.stats.AlertThresholds` (or a dict of its fields).
         process_group: the group to reduce over (default: the world).
 
+    Sharded training (Lightning's ``ModelParallelStrategy``, ``fully_shard`` in ``configure_model``): parameters
+    and gradients are DTensors; ``param/*``, ``grad/*``, ``update/*``, ``bn/frac_small_gamma`` and the parameter
+    and gradient histograms are those of the full, unsharded tensors, from each shard's sums of squares, maxima and
+    bin counts (bin edges are fixed, so counts add up), reduced in the same one collective; full parameters are never
+    gathered. Activation figures are reduced over the data-parallel processes as under DDP, so every figure equals
+    that of the same run under DDP. Only a 1-D data-parallel mesh is supported (see :meth:`check_strategy`).
+    That strategy never calls a ``LayerSync`` plugin, so when training starts the monitor warns (once, on rank zero)
+    naming the batch-norm layers that nothing synchronizes (:meth:`unsynchronized_batch_norms`).
+
     Raises:
         ValueError: an ``*_every_n_*`` argument that is not a positive int (or None where allowed), an unknown
-            statistic in ``heatmap_stats``, a negative tolerance, or bad alert thresholds.
+            statistic in ``heatmap_stats``, a negative tolerance, or bad alert thresholds; at setup, a
+            ``ModelParallelStrategy`` with ``tensor_parallel_size`` > 1 (a 2-D mesh).
         TypeError: an entry of ``include``/``exclude`` that is neither a module class nor a str.
 
     Example::
@@ -298,9 +308,72 @@ class LayerStatsMonitor(Callback):
                 collector.detach()
         self._step, self._stepped = None, False
 
+    @staticmethod
+    def check_strategy(strategy: Any) -> None:
+        """Refuse a ``ModelParallelStrategy`` whose mesh has a tensor-parallel dimension of more than one process.
+
+        Under a 1-D (data-parallel) mesh every figure is exact: sharded parameters give the figures of their full
+        tensors and activations are reduced over the data-parallel processes, as under DDP. On a 2-D mesh (data
+        parallel x tensor parallel) the processes of a tensor-parallel group see the same batch, their outputs are
+        shards or copies depending on the layer's plan, and the loss is not averaged over them; the activation and
+        batch-norm figures reduced over every process would count a batch once per tensor-parallel process and the
+        activation gradients would be scaled by the wrong count. That case is not implemented.
+
+        Raises:
+            ValueError: the strategy's mesh has ``tensor_parallel`` of size > 1 (the message names the mesh).
+        """
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if not isinstance(strategy, ModelParallelStrategy):
+            return
+        mesh = strategy.device_mesh
+        names = tuple(mesh.mesh_dim_names or ())
+        sizes = dict(zip(names, mesh.mesh.shape))
+        if sizes.get("tensor_parallel", 1) > 1:
+            shape = " x ".join(f"{name}={size}" for name, size in sizes.items())
+            raise ValueError(
+                f"LayerStatsMonitor supports ModelParallelStrategy on a 1-D data-parallel mesh only, got a mesh of "
+                f"{shape}: with tensor parallelism the activation, batch-norm and activation-gradient figures are not "
+                "those of the model. Use ModelParallelStrategy(data_parallel_size=<processes>, tensor_parallel_size=1) "
+                "with fully_shard over device_mesh['data_parallel'], or leave the monitor out."
+            )
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.check_strategy(getattr(trainer, "strategy", None))
+
     # ------------------------------------------------------------------ training
+    @staticmethod
+    def unsynchronized_batch_norms(strategy: Any, model: nn.Module) -> list[str]:
+        """Under ``ModelParallelStrategy`` with several processes: the batch-norm layers of ``model`` that nothing
+        synchronizes. That strategy never calls a ``LayerSync`` plugin (``SyncNormPlugin``, ``sync_batchnorm=True``),
+        so such a plugin does nothing there, and cannot say so itself."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        from lightning_bn.taxonomy import describe_norm
+
+        if not isinstance(strategy, ModelParallelStrategy) or getattr(strategy, "world_size", 1) < 2:
+            return []
+        names = []
+        for name, module in model.named_modules():
+            info = describe_norm(module)
+            if info is not None and info.batch_stats and info.kind != "sync_batch":
+                if not getattr(module, "sync_stats", False):  # batch renorm and ghost batch norm switched on
+                    names.append(name)
+        return names
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        unsynced = self.unsynchronized_batch_norms(getattr(trainer, "strategy", None), pl_module)
+        if unsynced:
+            self._warn_once(
+                "unsynchronized_bn",
+                f"LayerStatsMonitor: under ModelParallelStrategy the batch-norm layers {', '.join(unsynced[:5])}"
+                f"{', ...' if len(unsynced) > 5 else ''} are not synchronized: this strategy never calls a LayerSync "
+                "plugin (plugins=[SyncNormPlugin()], sync_batchnorm=True), so each process keeps its own running "
+                "statistics (see bn/running_spread). To synchronize, call SyncNormPlugin().apply(module) in "
+                "configure_model before fully_shard.",
+            )
         self._train = self._collector(pl_module, validation=False)
 
     @override

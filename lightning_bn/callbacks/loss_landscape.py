@@ -259,6 +259,16 @@ class LossLandscapeProbe(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if isinstance(getattr(trainer, "strategy", None), ModelParallelStrategy):
+            # Sharded parameters (DTensor): the probe's steps along the gradient and its buffer copies are not
+            # written for shards, and a wrong landscape is worse than none.
+            raise ValueError(
+                "LossLandscapeProbe does not support ModelParallelStrategy (FSDP2 / tensor parallel, sharded DTensor "
+                "parameters); got strategy=ModelParallelStrategy. Probe under strategy='ddp' (or one device), or "
+                "leave the probe out of sharded runs."
+            )
         if self.loss_fn is None and not pl_module.automatic_optimization:
             raise ValueError(
                 "LossLandscapeProbe's default `loss_fn` calls `training_step`, which under manual optimization steps "

@@ -78,6 +78,26 @@ def _refused_globals(path: str | Path, err: Exception) -> list[str]:
         return re.findall(r"GLOBAL ([\w.]+)", str(err))[:1]
 
 
+def _selected_norms(model: nn.Module, include: Any, exclude: Any, skip: set[int]) -> list[str]:
+    """Names of the normalization layers of ``model`` that ``include``/``exclude`` select, other than the modules
+    in ``skip`` (ids)."""
+    from lightning_bn.swap import _all_names, _check_selector, _matches
+    from lightning_bn.taxonomy import describe_norm
+
+    include_l, exclude_l = _check_selector("include", include), _check_selector("exclude", exclude)
+    names = _all_names(model)
+    chosen: list[str] = []
+    for module in model.modules():
+        if id(module) in skip or describe_norm(module) is None:
+            continue
+        skip = skip | {id(module)}
+        module_names = names[id(module)]
+        wanted = not include_l or any(_matches(i, module_names, module) for i in include_l)
+        if wanted and not any(_matches(i, module_names, module) for i in exclude_l):
+            chosen.append(module_names[0] or "<root>")
+    return chosen
+
+
 def _selector_to_state(selector: Any) -> Any:
     """Classes become their import path so the settings can live in a checkpoint."""
     if selector is None or isinstance(selector, str):
@@ -117,6 +137,12 @@ class NormSwap(Callback):
     its end. Layers already sharded by ``fully_shard`` in ``configure_model`` (DTensor parameters) are refused: swap
     before sharding.
 
+    Under ``ModelParallelStrategy`` (FSDP2), whose ``configure_model`` calls ``fully_shard``, ``setup`` swaps the
+    layers that exist first (those built in ``__init__``), then calls ``configure_model``, which shards the new
+    layers; layers that ``configure_model`` builds itself are sharded by it before anything can swap them, so
+    ``setup`` raises, naming them: build them in ``__init__``, or call :func:`lightning_bn.swap_norms` in
+    ``configure_model`` before ``fully_shard``.
+
     Args:
         to: the target kind, one of :func:`lightning_bn.available_norms` (``"group"``, ``"layer"``, ``"none"`` ...).
         include: module-name globs (``"model.layer2.*"``) or classes; only these layers change (default: all).
@@ -128,7 +154,8 @@ class NormSwap(Callback):
 
     Raises:
         ValueError: an unknown kind (the message lists the kinds) or options the kind does not take; at setup, a
-            layer whose parameters are DTensors (sharded already: swap before ``fully_shard``).
+            layer whose parameters are DTensors (sharded already: swap before ``fully_shard``), or under
+            ``ModelParallelStrategy`` a selected norm that ``configure_model`` builds (and shards).
         MisconfigurationException: at setup, a ``configure_model`` that replaces the swapped layers when called
             again (not idempotent).
         pickle.UnpicklingError: from :meth:`load_model` and :meth:`apply_from_checkpoint`, a checkpoint file that
@@ -186,6 +213,11 @@ class NormSwap(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         builds = is_overridden("configure_model", pl_module, parent=pl.LightningModule)
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if builds and isinstance(trainer.strategy, ModelParallelStrategy):
+            self._setup_sharded(trainer, pl_module)
+            return
         if builds:
             self._configure_model(trainer, pl_module)
         first = pl_module not in self._done
@@ -200,6 +232,34 @@ class NormSwap(Callback):
             if first:
                 self._configure_model(trainer, pl_module)  # as Lightning will next: it must keep what exists
             self._check_kept(pl_module, self.last_report)
+
+    def _setup_sharded(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Under ``ModelParallelStrategy``, whose ``configure_model`` shards (``fully_shard``): swap the layers that
+        exist first, so that sharding shards the new ones; then refuse layers that ``configure_model`` built and
+        sharded itself (a sharded layer cannot be swapped)."""
+        if pl_module in self._done:
+            if self.last_report:
+                self._check_kept(pl_module, self.last_report)
+            return
+        report = self.apply(pl_module)
+        existing = {id(m) for m in pl_module.modules()}  # the swapped layers included
+        self._done.add(pl_module)
+        self.last_report = report
+        if self.verbose:
+            action = "inserted" if self.insert else "swapped"
+            rank_zero_info(f"NormSwap({self.to!r}) {action} {len(report)} layer(s)\n{format_report(report)}")
+        self._configure_model(trainer, pl_module)  # as Lightning will next (it is idempotent)
+        built = _selected_norms(pl_module, self.include, self.exclude, skip=existing)
+        if built:
+            raise ValueError(
+                f"NormSwap({self.to!r}) cannot swap the normalization layer(s) {', '.join(built[:5])}"
+                f"{', ...' if len(built) > 5 else ''} of {type(pl_module).__name__}: configure_model builds them, and "
+                "under ModelParallelStrategy it also shards them (fully_shard), and a sharded layer (DTensor "
+                "parameters) cannot be swapped. Build them in __init__ (NormSwap swaps before configure_model), or "
+                f"call `lightning_bn.swap_norms(module, {self.to!r})` in configure_model before fully_shard."
+            )
+        if report:
+            self._check_kept(pl_module, report)
 
     @staticmethod
     def _configure_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

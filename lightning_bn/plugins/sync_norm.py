@@ -13,7 +13,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from typing_extensions import override
 
 from lightning_bn.layers import CHANNELS_FIRST, BatchRenorm, GhostBatchNorm, SyncBatchNorm
-from lightning_bn.swap import replace_modules
+from lightning_bn.swap import _sharded_tensors, replace_modules
 from lightning_bn.taxonomy import NormInfo, describe_norm, unrecognized_reason
 
 __all__ = ["SyncNormPlugin"]
@@ -145,9 +145,27 @@ class SyncNormPlugin(LayerSync):
     and the current buffers; ``eps``, ``momentum`` and the train/eval mode carry over, and the attributes set on
     batch renorm and ghost batch norm are removed (or restored to the values they had).
 
+    Sharded training (Lightning's ``ModelParallelStrategy``, FSDP2): that strategy never calls a ``LayerSync``
+    plugin, and no public hook reaches a plugin object, so ``plugins=[SyncNormPlugin()]`` there would do nothing and
+    cannot even tell. Call :meth:`apply` yourself in ``configure_model``, before ``fully_shard`` (``apply`` refuses
+    layers whose parameters are DTensors already)::
+
+        def configure_model(self):
+            if isinstance(self.net, FSDPModule):
+                return  # idempotent
+            SyncNormPlugin().apply(self.net)
+            fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
+
+    FSDP2 shards parameters, not buffers: each process keeps whole running statistics, and with the layers
+    synchronized they are identical on every process (and equal to those of the same run under DDP with the
+    plugin). The conversion stays for the life of the model: after ``fully_shard`` the sharded parameters belong to
+    the synchronized layers, so nothing reverts it.
+
     Raises:
         MisconfigurationException: from the ``Trainer`` when ``sync_batchnorm=True`` is also given (Lightning's
             message names ``SyncNormPlugin``); drop ``sync_batchnorm=True``: this plugin already synchronizes.
+        ValueError: from :meth:`apply`, a batch-norm layer whose parameters are DTensors (sharded by ``fully_shard``
+            already): apply before sharding.
 
     Example::
 
@@ -176,6 +194,14 @@ class SyncNormPlugin(LayerSync):
                     if info is None and isinstance(module, _BatchNorm) and unrecognized_reason(module) is not None:
                         skipped.append(f"{name} ({type(module).__qualname__})")
                     continue  # not a batch norm, or ours that synchronizes already
+                sharded = _sharded_tensors(module)
+                if sharded:
+                    raise ValueError(
+                        f"SyncNormPlugin cannot synchronize layer {name or '<root>'!r} ({type(module).__name__}): "
+                        f"its {', '.join(sharded)} {'is a DTensor' if len(sharded) == 1 else 'are DTensors'}, already "
+                        "sharded by fully_shard. Under ModelParallelStrategy call SyncNormPlugin().apply(module) in "
+                        "configure_model before fully_shard."
+                    )
                 if isinstance(module, _FLAGGED) and info.kind in ("batch_renorm", "ghost_batch"):
                     saved = {a: module.__dict__.get(a, _MISSING) for a in _SYNC_ATTRS}
                     self._records.append(_Record(module, None, saved))

@@ -39,12 +39,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_bn.moments import SUMMARY_FIELDS, channel_moments, distributed_world_size, reduce_across_processes
+from lightning_bn.moments import (
+    SUMMARY_FIELDS,
+    channel_moments,
+    distributed_world_size,
+    reduce_across_processes,
+    shard_copies,
+    shard_sums_of_squares,
+)
 from lightning_bn.padding import active_padding_mask
 from lightning_bn.stats import _fields
 from lightning_bn.stats._fields import (
     ACTIVATION_GRAD_STATS,
     ACTIVATION_STATS,
+    SHARDED_PARAM_FIELDS,
     FieldViews,
     Layout,
     Reduction,
@@ -152,6 +160,7 @@ class _Collection:
     param_abs_max: dict[int, Tensor] = field(default_factory=dict)
     before: dict[int, Tensor] = field(default_factory=dict)  # weights at record_params, for the update norms
     param_hist: dict[tuple[str, int], Tensor] = field(default_factory=dict)
+    copies: dict[int, int] = field(default_factory=dict)  # sharded parameters: processes holding each element
     device: torch.device | None = None  # of the first tensor summarized; an accelerator's if any is on one
     forwards: int = 0  # forward hook calls counted (for tests and diagnostics)
     summaries: int = 0  # tensors summarized (a norm input that was just summarized is not again)
@@ -464,6 +473,10 @@ class LayerStatsCollector:
     def record_params(self, params: Iterable[Tensor] | None = None, histograms: bool | None = None) -> None:
         """At the optimizer step (gradients averaged and unscaled): weight and gradient norms, weight snapshot.
 
+        A sharded parameter (a DTensor, as ``fully_shard`` makes it) records this process's share of the full
+        tensor's sum of squares, maximum and histogram counts, from its local shard; the reduction across processes
+        in :meth:`finalize` adds the shares up, so its figures are those of the full tensor, never gathered.
+
         Args:
             params: only these parameters (e.g. those of the optimizer stepping now); default every watched one.
             histograms: also bin weights and gradients (default: as chosen at ``attach``).
@@ -477,21 +490,45 @@ class LayerStatsCollector:
         if not chosen:
             return
         with torch.no_grad():
-            # One foreach kernel per figure over every parameter instead of one reduction per parameter.
             keys, weights = [k for k, _ in chosen], [p.detach() for _, p in chosen]
-            state.weight_norm.update(zip(keys, _norms(weights)))
-            state.before.update(zip(keys, torch._foreach_mul(weights, 1.0)))  # one copy of every weight
+            for k, w in zip(keys, weights):
+                shard = shard_copies(w)
+                if shard is not None:
+                    state.copies[k] = shard[1]
+            state.weight_norm.update(self._norm_figures(keys, weights))
+            state.before.update(self._snapshot(keys, weights))
             graded = [(k, p.grad.detach()) for k, p in chosen if p.grad is not None]
             if graded:
-                state.grad_norm.update(zip([k for k, _ in graded], _norms([g for _, g in graded])))
+                state.grad_norm.update(self._norm_figures([k for k, _ in graded], [g for _, g in graded]))
             if hist:
-                for k, w in zip(keys, weights):
-                    state.param_hist[("param", k)] = bin_counts(w, self.bins, self.dtype)
-                    # maxima: the outer edges of the histograms
-                    state.param_abs_max[k] = w.abs().amax() if w.numel() else w.new_zeros(())
-                for k, g in graded:
-                    state.param_hist[("grad", k)] = bin_counts(g, self.bins, self.dtype)
-                    state.grad_abs_max[k] = g.abs().amax() if g.numel() else g.new_zeros(())
+                for kind, pairs in (("param", list(zip(keys, weights))), ("grad", graded)):
+                    abs_max = state.param_abs_max if kind == "param" else state.grad_abs_max
+                    for k, t in pairs:
+                        shard = shard_copies(t)
+                        local, copies = shard if shard is not None else (t, 1)
+                        state.param_hist[(kind, k)] = bin_counts(local, self.bins, self.dtype) / copies
+                        # maxima: the outer edges of the histograms
+                        abs_max[k] = local.abs().amax() if local.numel() else local.new_zeros(())
+
+    def _norm_figures(self, keys: list[int], tensors: list[Tensor]) -> dict[int, Tensor]:
+        """By key: the norm of a plain tensor; of a sharded one, this process's share of the sum of squares."""
+        plain = [(k, t) for k, t in zip(keys, tensors) if k not in self._state.copies]
+        sharded = [(k, t) for k, t in zip(keys, tensors) if k in self._state.copies]
+        out: dict[int, Tensor] = {}
+        if plain:  # one foreach kernel per figure over every parameter instead of one reduction per parameter
+            out.update(zip([k for k, _ in plain], _norms([t for _, t in plain])))
+        if sharded:
+            out.update(zip([k for k, _ in sharded], shard_sums_of_squares([t for _, t in sharded])))
+        return out
+
+    def _snapshot(self, keys: list[int], weights: list[Tensor]) -> dict[int, Tensor]:
+        """One copy of every weight (a DTensor's copy is a DTensor of copied shards), for the update norms."""
+        out: dict[int, Tensor] = {}
+        for sharded in (False, True):  # a foreach kernel takes DTensors or plain tensors, not both
+            part = [(k, w) for k, w in zip(keys, weights) if (k in self._state.copies) == sharded]
+            if part:
+                out.update(zip([k for k, _ in part], torch._foreach_mul([w for _, w in part], 1.0)))
+        return out
 
     def record_updates(self) -> None:
         """After the optimizer step: ``||w_after - w_before||`` for each parameter snapshotted by ``record_params``."""
@@ -499,10 +536,14 @@ class LayerStatsCollector:
         if not state.before:
             return
         with torch.no_grad():
-            keys, before = list(state.before), list(state.before.values())
-            after = [self.param_list[k][1].detach() for k in keys]
-            torch._foreach_sub_(before, after)  # before - after, in the snapshot's memory: the norm is the same
-            state.update_norm.update(zip(keys, _norms(before)))
+            for sharded in (False, True):
+                keys = [k for k in state.before if (k in state.copies) == sharded]
+                if not keys:
+                    continue
+                before = [state.before[k] for k in keys]
+                after = [self.param_list[k][1].detach() for k in keys]
+                torch._foreach_sub_(before, after)  # before - after, in the snapshot's memory: the norm is the same
+                state.update_norm.update(self._norm_figures(keys, before))
         state.before = {}
 
     # ------------------------------------------------------------------ reduction
@@ -522,10 +563,18 @@ class LayerStatsCollector:
         state = self._state
         bns = tuple(self.bn_index) if self.batch_norm else ()
         bn_mods = [self.modules[i][1] for i in bns]
-        gammas = [(i, w) for i, m in zip(bns, bn_mods) if isinstance(w := m.weight, Tensor)]
-        recorded = {name: tuple(sorted(store)) for name, store in (
+        all_gammas = [(i, w) for i, m in zip(bns, bn_mods) if isinstance(w := m.weight, Tensor)]
+        gammas = [(i, w) for i, w in all_gammas if shard_copies(w) is None]
+        gammas_shard = [(i, w) for i, w in all_gammas if shard_copies(w) is not None]
+        copies = state.copies  # sharded parameters fill the reduced counterparts of the parameter fields
+        recorded: dict[str, tuple[int, ...]] = {}
+        for name, store in (
             ("param.norm", state.weight_norm), ("grad.norm", state.grad_norm), ("update.norm", state.update_norm),
-            ("grad.abs_max", state.grad_abs_max), ("param.abs_max", state.param_abs_max)) if store}
+            ("grad.abs_max", state.grad_abs_max), ("param.abs_max", state.param_abs_max)):
+            for field_name, indices in ((name, [k for k in store if k not in copies]),
+                                        (SHARDED_PARAM_FIELDS[name][0], [k for k in store if k in copies])):
+                if indices:
+                    recorded[field_name] = tuple(sorted(indices))
         return FigureSpec(
             names=tuple(self.names),
             keys=self._keys,
@@ -538,10 +587,13 @@ class LayerStatsCollector:
             gamma=tuple(i for i, _ in gammas),
             gamma_sizes=tuple(w.numel() for _, w in gammas),
             gamma_tol=self.gamma_tol,
+            gamma_shard=tuple(i for i, _ in gammas_shard),
+            gamma_shard_sizes=tuple(w.numel() for _, w in gammas_shard),
             params=tuple(n for n, _ in self.param_list),
             recorded=recorded,
             act_hist=tuple(range(len(self.modules))) if state.histograms and self.activations else (),
-            param_hist=tuple(sorted(state.param_hist)),
+            param_hist=tuple(sorted(key for key in state.param_hist if key[1] not in copies)),
+            param_hist_shard=tuple(sorted(key for key in state.param_hist if key[1] in copies)),
             bins=self.bins,
         )
 
@@ -566,10 +618,28 @@ class LayerStatsCollector:
                            ("bn.running_var", channels, "sum"), ("bn.processes", layers, "sum")]
         if spec.gamma:
             fields.append(("bn.gamma_abs", sum(spec.gamma_sizes), "local"))
-        fields += [(name, len(indices), "local") for name, indices in spec.recorded.items()]
+        if spec.gamma_shard:
+            fields.append((SHARDED_PARAM_FIELDS["bn.gamma_abs"][0], len(spec.gamma_shard), "sum"))
+        reduction = dict(SHARDED_PARAM_FIELDS.values())
+        fields += [(name, len(indices), reduction.get(name, "local")) for name, indices in spec.recorded.items()]
         if spec.param_hist:
             fields.append(("param.hist", (len(spec.param_hist), bins), "local"))
+        if spec.param_hist_shard:
+            fields.append((SHARDED_PARAM_FIELDS["param.hist"][0], (len(spec.param_hist_shard), bins), "sum"))
         return fields
+
+    def _check_meshes(self, group: dist.ProcessGroup | None, world: int) -> None:
+        """A sharded parameter's shares add up to its full tensor only over exactly the processes of its mesh."""
+        for k in self._state.copies:
+            name, param = self.param_list[k]
+            mesh = getattr(param, "device_mesh", None)
+            if mesh is not None and mesh.size() != world:
+                raise ValueError(
+                    f"LayerStatsCollector: parameter {name!r} is sharded over a mesh of {mesh.size()} processes "
+                    f"({mesh}), but the figures are reduced over a group of {world} (`group`={group!r}); the norm of "
+                    "a sharded tensor is a sum over the processes of its mesh. Reduce over the mesh's group, or shard "
+                    "over a 1-D mesh of every process (data parallel only)."
+                )
 
     def finalize(
         self, group: dist.ProcessGroup | None = None, act_grad_scale: float = 1.0, reduce: bool = True
@@ -587,6 +657,8 @@ class LayerStatsCollector:
         device = self._device()
         world = distributed_world_size(group) if reduce else 1
         spec = self._spec(act_grad_scale)
+        if reduce:  # also for a group of one: the shares of a shard are not the figures of the full tensor
+            self._check_meshes(group, world)
         declared = tuple(self._declare(spec, spread=world > 1))
         layout = self._layouts.get(declared)
         if layout is None:  # the same few layouts recur (training steps alike, histogram steps)
@@ -649,8 +721,18 @@ class LayerStatsCollector:
             gammas = [self.modules[i][1].weight for i in spec.gamma]
             fields["bn.gamma_abs"].copy_(torch.cat([
                 _to(w.detach(), device).reshape(-1) for w in gammas if isinstance(w, Tensor)]).abs())
+        if spec.gamma_shard:
+            small = []
+            for i in spec.gamma_shard:
+                weight = self.modules[i][1].weight
+                shard = shard_copies(weight.detach()) if isinstance(weight, Tensor) else None
+                assert shard is not None  # _spec chose the sharded ones
+                local, copies = shard
+                small.append(_to((local.abs() < self.gamma_tol).sum().to(dt), device) / copies)
+            fields[SHARDED_PARAM_FIELDS["bn.gamma_abs"][0]].copy_(torch.stack(small))
         stores = {"param.norm": state.weight_norm, "grad.norm": state.grad_norm, "update.norm": state.update_norm,
                   "grad.abs_max": state.grad_abs_max, "param.abs_max": state.param_abs_max}
+        stores.update({SHARDED_PARAM_FIELDS[name][0]: store for name, store in list(stores.items())})
         for name, indices in spec.recorded.items():
             values = [stores[name][k] for k in indices]
             if len({(v.device, v.dtype) for v in values}) == 1:  # the usual case: one stack, one copy
@@ -659,6 +741,8 @@ class LayerStatsCollector:
                 fields[name].copy_(torch.stack([_to(v, device).to(dt) for v in values]))
         for row, key in enumerate(spec.param_hist):
             fields["param.hist"][row] = state.param_hist[key]
+        for row, key in enumerate(spec.param_hist_shard):
+            fields[SHARDED_PARAM_FIELDS["param.hist"][0]][row] = state.param_hist[key]
 
     def _fill_bn(self, fields: FieldViews[Tensor], spec: FigureSpec, device: torch.device) -> None:
         """The batches' channel moments, the snapshot of the running statistics where a layer ran, and with

@@ -6,7 +6,9 @@ processes, the way torchmetrics declares state with ``add_state(name, default, d
 * ``"sum"``: counts and sums, added up across processes (and across micro-batches and repeated calls);
 * ``"max"``: maxima, the largest across processes;
 * ``"local"``: this process's own value, not reduced (parameter figures: the same on every process under DDP, with
-  gradients already averaged).
+  gradients already averaged). A sharded parameter (a DTensor, from ``fully_shard``) fills the reduced counterpart
+  of each parameter field instead (:data:`SHARDED_PARAM_FIELDS`): its shard's share, added up (or maximized) over
+  the processes into the figure of the full tensor.
 
 Reduced fields are laid out first, so one collective over the buffer's leading part reduces everything that crosses
 processes; the whole buffer then reaches the host in one transfer. Code reads and writes fields by name
@@ -40,6 +42,7 @@ __all__ = [
     "FieldViews",
     "Layout",
     "REDUCTIONS",
+    "SHARDED_PARAM_FIELDS",
     "TENSOR_FIELDS",
     "TENSOR_STATS",
     "TensorField",
@@ -153,6 +156,20 @@ def accumulate(view: Array, reduce: Reduction, index: Array, values: Array) -> N
         view.scatter_reduce_(0, index, values.to(view.dtype), "amax", include_self=True)
     else:
         view.index_add_(0, index, values.to(view.dtype))
+
+
+# A sharded parameter's counterpart of each local parameter field, and its reduction. Each process holds a shard: its
+# share of a sum (the sum over its shard divided by the processes holding the same elements) adds up to the full
+# tensor's; the norm is the root of the reduced sum of squares.
+SHARDED_PARAM_FIELDS: dict[str, tuple[str, Reduction]] = {
+    "param.norm": ("param.norm_sq", "sum"),
+    "grad.norm": ("grad.norm_sq", "sum"),
+    "update.norm": ("update.norm_sq", "sum"),
+    "param.abs_max": ("param.abs_max_shard", "max"),
+    "grad.abs_max": ("grad.abs_max_shard", "max"),
+    "param.hist": ("param.hist_shard", "sum"),
+    "bn.gamma_abs": ("bn.gamma_small_shard", "sum"),  # per layer: the share of channels with a small |gamma|
+}
 
 
 # ---------------------------------------------------------------------------------------------- per-tensor tables

@@ -15,7 +15,11 @@ Fields read (``<area>`` is ``act``, ``act_in`` or ``act_grad``; one entry per wa
   ``bn.seen`` (per layer): processes that ran it; with more than one process also ``bn.running_mean``,
   ``bn.running_mean_sq``, ``bn.running_var`` (per channel) and ``bn.processes`` (per layer) for the spread;
 * local: ``bn.gamma_abs`` (per channel), ``param.norm``, ``grad.norm``, ``update.norm``, ``grad.abs_max``,
-  ``param.abs_max`` (per recorded parameter), ``param.hist`` (per histogram row x bins).
+  ``param.abs_max`` (per recorded parameter), ``param.hist`` (per histogram row x bins);
+* reduced, of sharded parameters (DTensor), their counterparts in
+  :data:`~lightning_bn.stats._fields.SHARDED_PARAM_FIELDS`: ``param.norm_sq``, ``grad.norm_sq``,
+  ``update.norm_sq`` (sums of squares of the full tensors), ``param.abs_max_shard``, ``grad.abs_max_shard``,
+  ``param.hist_shard`` and ``bn.gamma_small_shard`` (per layer, channels with a small scale).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import numpy as np
 
 from lightning_bn.moments import mean_var
 from lightning_bn.stats import _fields
-from lightning_bn.stats._fields import TensorStat
+from lightning_bn.stats._fields import SHARDED_PARAM_FIELDS, TensorStat
 from lightning_bn.stats._histogram import LogBins, histogram_edges, trim_histogram
 
 __all__ = ["AREAS", "FigureSpec", "LayerStats", "area_stats", "compute_figures", "tensor_keys"]
@@ -61,8 +65,10 @@ class FigureSpec:
     """What :func:`compute_figures` needs besides the fields.
 
     ``keys[area][i]``: the keys of module ``i`` in ``area`` (empty where the area is not collected, e.g. the input
-    of a layer that is no normalization). ``recorded[name]``: the parameter indices, in field order, of the local
-    parameter field ``name``. ``param_hist``: ``("param" | "grad", parameter index)`` per row of ``param.hist``.
+    of a layer that is no normalization). ``recorded[name]``: the parameter indices, in field order, of the
+    parameter field ``name`` (local, or its sharded counterpart). ``param_hist``: ``("param" | "grad", parameter
+    index)`` per row of ``param.hist``; ``param_hist_shard`` the same for ``param.hist_shard``. ``gamma_shard``:
+    the batch-norm layers whose scale is sharded (their channels counted in ``bn.gamma_small_shard``).
     """
 
     names: tuple[str, ...]
@@ -76,10 +82,13 @@ class FigureSpec:
     gamma: tuple[int, ...] = ()
     gamma_sizes: tuple[int, ...] = ()
     gamma_tol: float = 1e-3
+    gamma_shard: tuple[int, ...] = ()
+    gamma_shard_sizes: tuple[int, ...] = ()
     params: tuple[str, ...] = ()
     recorded: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     act_hist: tuple[int, ...] = ()
     param_hist: tuple[tuple[str, int], ...] = ()
+    param_hist_shard: tuple[tuple[str, int], ...] = ()
     bins: LogBins = field(default_factory=LogBins)
 
 
@@ -89,7 +98,7 @@ def compute_figures(fields: Mapping[str, np.ndarray], spec: FigureSpec) -> Layer
     act_abs_max = _tensor_figures(out, fields, spec)
     if spec.bn:
         _bn_figures(out, fields, spec)
-    if spec.gamma:
+    if spec.gamma or spec.gamma_shard:
         _gamma_figures(out, fields, spec)
     _param_figures(out, fields, spec)
     _histograms(out, fields, spec, act_abs_max)
@@ -156,14 +165,27 @@ def _bn_figures(out: LayerStats, fields: Mapping[str, np.ndarray], spec: FigureS
 
 
 def _gamma_figures(out: LayerStats, fields: Mapping[str, np.ndarray], spec: FigureSpec) -> None:
-    _, starts = _layer_of_channel(spec.gamma_sizes)
-    small = np.add.reduceat(fields["bn.gamma_abs"] < spec.gamma_tol, starts).tolist()
-    for i, count, size in zip(spec.gamma, small, spec.gamma_sizes):
+    small: list[float] = []
+    if spec.gamma:
+        _, starts = _layer_of_channel(spec.gamma_sizes)
+        small = np.add.reduceat(fields["bn.gamma_abs"] < spec.gamma_tol, starts).tolist()
+    if spec.gamma_shard:
+        small += fields[SHARDED_PARAM_FIELDS["bn.gamma_abs"][0]].tolist()
+    layers = zip(spec.gamma + spec.gamma_shard, small, spec.gamma_sizes + spec.gamma_shard_sizes)
+    for i, count, size in layers:
         out.scalars[f"{spec.prefix}bn/frac_small_gamma/{spec.names[i]}"] = count / size
 
 
 def _recorded(fields: Mapping[str, np.ndarray], spec: FigureSpec, name: str) -> dict[int, float]:
-    return dict(zip(spec.recorded.get(name, ()), fields[name].tolist())) if name in fields else {}
+    """The figure ``name`` by parameter index: local fields of plain parameters, reduced ones of sharded ones."""
+    out = dict(zip(spec.recorded.get(name, ()), fields[name].tolist())) if name in fields else {}
+    sharded = SHARDED_PARAM_FIELDS[name][0]
+    if sharded in fields:
+        values = fields[sharded]
+        if name.endswith(".norm"):  # the reduced sum of squares of the full tensor
+            values = np.sqrt(np.maximum(values, 0.0))
+        out.update(zip(spec.recorded.get(sharded, ()), values.tolist()))
+    return out
 
 
 def _param_figures(out: LayerStats, fields: Mapping[str, np.ndarray], spec: FigureSpec) -> None:
@@ -194,10 +216,14 @@ def _histograms(
                 out.histograms[tag] = trim_histogram(histogram_edges(spec.bins, outer), counts[row])
                 exact = {"sum": float(fields["act.sum"][i]), "sum_squares": float(fields["act.sum_sq"][i])}
                 out.histogram_exact[tag] = exact
-    if spec.param_hist:
+    if spec.param_hist or spec.param_hist_shard:
         maxima = {"param": _recorded(fields, spec, "param.abs_max"), "grad": _recorded(fields, spec, "grad.abs_max")}
-        counts = fields["param.hist"]
-        for row, (kind, k) in enumerate(spec.param_hist):
-            if counts[row].sum() > 0:
-                edges = histogram_edges(spec.bins, maxima[kind].get(k, 0.0))
-                out.histograms[f"{pre}{kind}/hist/{spec.params[k]}"] = trim_histogram(edges, counts[row])
+        for field_name, rows in (("param.hist", spec.param_hist),
+                                 (SHARDED_PARAM_FIELDS["param.hist"][0], spec.param_hist_shard)):
+            if not rows:
+                continue
+            counts = fields[field_name]
+            for row, (kind, k) in enumerate(rows):
+                if counts[row].sum() > 0:
+                    edges = histogram_edges(spec.bins, maxima[kind].get(k, 0.0))
+                    out.histograms[f"{pre}{kind}/hist/{spec.params[k]}"] = trim_histogram(edges, counts[row])
