@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Hashable, Iterator
 from typing import Any
 
@@ -166,6 +167,7 @@ def set_padding_mask_from(
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(argument, str) or not argument:
         raise ValueError(f"`argument` must be the name of the forward's mask argument, got {argument!r}")
+    _warn_mask_unaware(model)
     # Whether each forward in progress (nested calls included) entered a mask. Plain list operations rather than a
     # context manager, so that dynamo traces the hooks of a compiled model without a graph break.
     entered: list[bool] = []
@@ -190,6 +192,30 @@ def set_padding_mask_from(
     pre = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
     post = model.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
     return PaddingMaskHooks(pre, post)
+
+
+def _warn_mask_unaware(model: nn.Module) -> None:
+    """Say loudly which batch norms of ``model`` would ignore the mask: torch's own classes compute their statistics
+    in a kernel that takes no mask (this package's classes, e.g. after ``swap_norms``, do take it)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from lightning_bn.layers._batch import BatchNormChannelsLast, BatchNormNd, _LayoutBatchNorm
+
+    aware = (BatchNormChannelsLast, BatchNormNd, _LayoutBatchNorm)
+    unaware = [
+        f"{name} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if isinstance(m, _BatchNorm) and not isinstance(m, aware)
+    ]
+    if unaware:
+        warnings.warn(
+            f"set_padding_mask_from: {len(unaware)} batch-norm layer(s) of {type(model).__name__} ignore padding "
+            f"masks and will count padding in their batch statistics: {', '.join(unaware[:5])}"
+            f"{', ...' if len(unaware) > 5 else ''}. Replace them with this package's layers (channels-last: "
+            "build_norm('batch', C, layout='channels_last'); channels-first: BatchNormNd).",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class PaddingMaskHooks:

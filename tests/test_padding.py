@@ -452,3 +452,96 @@ class _no_mask:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+# ------------------------------------------------------------------------------------------- recalibration callback
+
+
+class _PaddedTokens(torch.utils.data.Dataset):
+    """Sequences of 1-6 tokens padded to 6, with their masks; padding holds large values."""
+
+    def __init__(self, n: int = 12) -> None:
+        gen = torch.Generator().manual_seed(11)
+        lengths = torch.randint(1, 7, (n,), generator=gen).tolist()
+        self.x, self.mask = _padded(lengths, 6, seed=12)
+        self.x = self.x.float()
+        self.y = torch.randn(n, 6, C, generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"x": self.x[i], "mask": self.mask[i], "y": self.y[i]}
+
+
+def _lightning_module(set_mask_in_training_step: bool):
+    import lightning as L
+
+    class PaddedModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(C, C)
+            self.norm = build_norm("batch", C, layout="channels_last", momentum=0.5)
+
+        def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+            if set_mask_in_training_step:
+                with padding_mask(batch["mask"]):
+                    out = self.norm(self.proj(batch["x"]))
+            else:
+                out = self.norm(self.proj(batch["x"]))
+            return ((out - batch["y"]) ** 2)[batch["mask"]].mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return PaddedModule()
+
+
+@pytest.mark.parametrize("how", ["training_step", "padding_mask_from"])
+def test_batch_norm_recalibration_callback_counts_real_tokens(tmp_path, how: str) -> None:
+    """BatchNormRecalibration at fit end: the running statistics are those of the real tokens of the loader, whether
+    the module's training_step sets the mask (the default feed) or ``padding_mask_from`` does."""
+    import lightning as L
+
+    from lightning_bn.callbacks import BatchNormRecalibration
+
+    data = _PaddedTokens()
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    module = _lightning_module(set_mask_in_training_step=how == "training_step")
+    callback = BatchNormRecalibration(
+        num_batches=None, when="fit_end", padding_mask_from=(lambda b: b["mask"]) if how != "training_step" else None
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, loader)
+    with torch.no_grad():
+        projected = module.proj(data.x[data.mask]).double()
+    torch.testing.assert_close(module.norm.running_mean.double(), projected.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(module.norm.running_var.double(), projected.var(0), rtol=1e-5, atol=1e-5)
+    assert callback.last_report is not None
+    assert callback.last_report.layers["norm"].num_values == int(data.mask.sum())
+
+
+def test_batch_norm_recalibration_rejects_a_bad_padding_mask_from() -> None:
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_bn.callbacks import BatchNormRecalibration
+
+    with pytest.raises(MisconfigurationException, match="`padding_mask_from` must be callable"):
+        BatchNormRecalibration(padding_mask_from="mask")  # type: ignore[arg-type]
+
+
+def test_set_padding_mask_from_warns_about_torch_batch_norms_that_ignore_the_mask() -> None:
+    model = nn.Sequential(nn.Conv1d(C, C, 1), nn.BatchNorm1d(C), BatchNormNd(C))
+    with pytest.warns(UserWarning, match=r"1 batch-norm layer\(s\).*1 \(BatchNorm1d\)"):
+        set_padding_mask_from(model).remove()
