@@ -35,10 +35,11 @@ __all__ = [
 
 # The innermost active mask is the last entry. Not thread-local: dynamo traces a plain global, not threading.local.
 _ACTIVE: list[Tensor] = []
-# One entry per active mask: the keys (None, or a process group) whose count of real tokens was read to the host and
-# found sufficient. Every layer that fits a mask counts the same real tokens, so the first layer's host read serves
-# the whole forward (eager only: a compiled graph asserts on the device instead).
-_VERIFIED: list[set[Hashable]] = []
+# One entry per active mask: for each key (this process's batch, or a process group's global batch) the largest
+# minimum its count of real tokens was read to the host and found to meet. Every layer that fits a mask counts the
+# same real tokens, so the first layer's host read serves the whole forward (eager only: a compiled graph asserts on
+# the device instead).
+_VERIFIED: list[dict[Hashable, int]] = []
 
 
 def _check_mask(mask: Any) -> Tensor:
@@ -74,7 +75,7 @@ def padding_mask(mask: Tensor) -> Iterator[Tensor]:
 
 def _push(mask: Tensor) -> None:
     _ACTIVE.append(mask)
-    _VERIFIED.append(set())
+    _VERIFIED.append({})
 
 
 def _pop() -> None:
@@ -115,14 +116,15 @@ def check_real_tokens(
     name: str,
     input_shape: tuple[int, ...],
     minimum: int = 2,
-    key: Hashable = None,
+    key: Hashable = "local",
     scope: str = "batch",
 ) -> None:
     """Raise a ``ValueError`` unless ``count`` (real tokens per channel, a 0-d tensor) is at least ``minimum``.
 
     Called by the batch-statistics layers under a mask, with the count of the global batch for synchronized layers
-    (so every process raises alike and none waits). Eagerly the count is read to the host once per mask and ``key``
-    (a process group or None); under ``torch.compile`` it is a tensor-side assertion, raised when the graph runs.
+    (so every process raises alike and none waits). Eagerly the count is read to the host once per mask, ``key``
+    (``"local"`` for this process's batch, ``("global", group)`` for a process group's) and ``minimum``; under
+    ``torch.compile`` it is a tensor-side assertion, raised when the graph runs.
     """
     mask = active_padding_mask()
     mask_shape = None if mask is None else tuple(mask.shape)
@@ -139,13 +141,13 @@ def check_real_tokens(
     if torch.compiler.is_compiling():
         torch._assert_async(count >= minimum, message(None))
         return
-    verified = _VERIFIED[-1] if _VERIFIED else set()
-    if key in verified:
+    verified = _VERIFIED[-1] if _VERIFIED else {}
+    if verified.get(key, -1) >= minimum:
         return
     value = float(count)
     if value < minimum:
         raise ValueError(message(value))
-    verified.add(key)
+    verified[key] = max(minimum, verified.get(key, minimum))
 
 
 def set_padding_mask_from(

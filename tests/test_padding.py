@@ -233,6 +233,9 @@ def test_mask_for_is_lenient_unless_strict() -> None:
 # ------------------------------------------------------------------------------------------------ synchronized
 
 
+_SYNC_KINDS = (("sync_batch", {}), ("batch_renorm", {"warmup_steps": 0}), ("ghost_batch", {"virtual_batch_size": 2}))
+
+
 def _sync_worker(rank: int, world_size: int, lengths: list[list[int]], total: int) -> dict:
     torch.manual_seed(0)
     x_all, mask_all = _padded([n for per_rank in lengths for n in per_rank], total, seed=7)
@@ -241,10 +244,10 @@ def _sync_worker(rank: int, world_size: int, lengths: list[list[int]], total: in
     part = slice(start, start + len(lengths[rank]))
     x, mask, upstream = x_all[part].clone().requires_grad_(), mask_all[part], upstream_all[part]
     out: dict = {}
-    for kind, options in (("sync_batch", {}), ("batch_renorm", {"warmup_steps": 0})):
+    for kind, options in _SYNC_KINDS:
         bn = build_norm(kind, C, layout="channels_last", **options).double()
         _set_params(bn)
-        if kind == "batch_renorm":
+        if kind != "sync_batch":
             bn.sync_stats = True  # what SyncNormPlugin sets for a fit
         x.grad = None
         with padding_mask(mask):
@@ -271,7 +274,8 @@ def _sync_worker(rank: int, world_size: int, lengths: list[list[int]], total: in
 
 
 def test_sync_batch_norm_with_different_padding_per_rank_equals_one_process() -> None:
-    lengths, total = [[6, 1, 2], [3, 0]], 6  # rank 0: 3 sequences, rank 1: 2 (one of them all padding)
+    # rank 0: 3 sequences, rank 1: 3, two of them all padding (its first virtual batch of 2 has no real token)
+    lengths, total = [[6, 1, 2], [0, 0, 3]], 6
     results = run_distributed(_sync_worker, 2, lengths, total)
     x_all, mask_all = _padded([n for per_rank in lengths for n in per_rank], total, seed=7)
     upstream_all = torch.randn(x_all.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
@@ -296,9 +300,42 @@ def test_sync_batch_norm_with_different_padding_per_rank_equals_one_process() ->
             assert result[kind]["finite"] and (result[kind]["pad_grad"] == 0).all()
             _close(result[kind]["running_mean"], reference.running_mean)
             _close(result[kind]["running_var"], reference.running_var)
+    _check_synchronized_ghost_batch_norm(results, lengths, total, x_all, mask_all, upstream_all)
     for result in results:  # every rank raises alike: none is left waiting in a collective
         assert result["empty_error"] is not None
         assert "no real token" in result["empty_error"] and "all processes together" in result["empty_error"]
+
+
+def _check_synchronized_ghost_batch_norm(results, lengths, total, x_all, mask_all, upstream_all) -> None:
+    """Virtual batches of 2 within each rank, each over its real tokens; running statistics averaged over the
+    virtual batches with real tokens of both ranks."""
+    reference = build_norm("ghost_batch", C, layout="channels_last").double()
+    _set_params(reference)
+    weight = reference.weight.detach().clone().requires_grad_()
+    bias = reference.bias.detach().clone().requires_grad_()
+    means, variances, start = [], [], 0
+    for rank, per_rank in enumerate(lengths):
+        outputs, grads = [], []
+        for first in range(0, len(per_rank), 2):
+            rows = slice(start + first, start + min(first + 2, len(per_rank)))
+            real = x_all[rows][mask_all[rows]].clone().requires_grad_()
+            if len(real) == 0:
+                continue
+            y = F.batch_norm(real, None, None, weight, bias, True, 0.0, reference.eps)
+            (y * upstream_all[rows][mask_all[rows]]).sum().backward()
+            outputs.append(y.detach())
+            grads.append(real.grad)
+            means.append(real.detach().mean(0))
+            variances.append(real.detach().var(0))
+        start += len(per_rank)
+        _close(results[rank]["ghost_batch"]["y"], torch.cat(outputs))
+        _close(results[rank]["ghost_batch"]["grad"], torch.cat(grads))
+        assert results[rank]["ghost_batch"]["finite"]
+    _close(sum(r["ghost_batch"]["weight"] for r in results), weight.grad)
+    _close(sum(r["ghost_batch"]["bias"] for r in results), bias.grad)
+    for result in results:
+        _close(result["ghost_batch"]["running_mean"], 0.9 * reference.running_mean + 0.1 * torch.stack(means).mean(0))
+        _close(result["ghost_batch"]["running_var"], 0.9 * reference.running_var + 0.1 * torch.stack(variances).mean(0))
 
 
 # ------------------------------------------------------------------------------------------------ Hugging Face
@@ -558,3 +595,18 @@ def test_set_padding_mask_from_warns_about_torch_batch_norms_that_ignore_the_mas
     model = nn.Sequential(nn.Conv1d(C, C, 1), nn.BatchNorm1d(C), BatchNormNd(C))
     with pytest.warns(UserWarning, match=r"1 batch-norm layer\(s\).*1 \(BatchNorm1d\)"):
         set_padding_mask_from(model).remove()
+
+
+def test_real_token_check_is_per_minimum_and_scope() -> None:
+    """One host read per mask serves later layers only when it proved what they need: a PowerNorm's check of one
+    real token must not let a batch norm through with a single real token."""
+    from lightning_bn.layers import PowerNorm
+
+    power, bn = PowerNorm(C, layout="channels_last"), BatchNormChannelsLast(C)
+    one = torch.zeros(2, 5, dtype=torch.bool)
+    one[1, 2] = True
+    x = torch.randn(2, 5, C)
+    with padding_mask(one):
+        power(x)  # one real token is enough for a quadratic mean
+        with pytest.raises(ValueError, match="fewer than 2 real tokens, got 1"):
+            bn(x)

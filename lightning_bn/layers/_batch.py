@@ -57,7 +57,7 @@ def masked_moments(
         moments = all_reduce_sum(moments, group)
     count = moments[COUNT][0].detach()
     scope = "batch of all processes together" if synchronized else "batch"
-    key = group if synchronized else None
+    key = ("global", group) if synchronized else "local"
     check_real_tokens(count, name=layer_name(module), input_shape=tuple(x.shape), key=key, scope=scope)
     mean, var = mean_var(moments)
     return count, mean, var
@@ -392,8 +392,8 @@ class GhostBatchNorm(_LayoutBatchNorm):
             local = torch.cat([mean_sum.detach(), var_sum.detach(), batches.detach().reshape(1)])
         total = reduce_across_processes(local, group=self.sync_group) if synchronized else local
         if synchronized:
-            scope = "batch of all processes together"
-            check_real_tokens(total[-1], name=name, input_shape=shape, minimum=1, key=self.sync_group, scope=scope)
+            scope, key = "batch of all processes together", ("global", self.sync_group)
+            check_real_tokens(total[-1], name=name, input_shape=shape, minimum=1, key=key, scope=scope)
         count = total[-1].clamp_min(1.0)
         c = self.num_features
         self._update_running_stats(total[:c] / count, total[c : 2 * c] / count)
