@@ -351,7 +351,7 @@ def _tiny_bert() -> nn.Module:
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=32,
-        max_position_embeddings=16,
+        max_position_embeddings=32,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
@@ -384,6 +384,44 @@ def test_set_padding_mask_from_hugging_face_attention_mask() -> None:
     torch.testing.assert_close(short, long, rtol=1e-9, atol=1e-9)
     # negative control: without the mask the padding enters the batch statistics
     assert not torch.allclose(run(7, 0), run(12, 9), atol=1e-3)
+
+
+def test_set_padding_mask_from_equals_the_unpadded_packed_batch() -> None:
+    """The exact unpadded reference: the same sequences packed into one row without any padding (positions restarting
+    per sequence, a block-diagonal attention mask), where batch norm sees exactly the real tokens. The padded batch
+    under the attention-mask hooks gives the same outputs, parameter gradients and running statistics."""
+    model = _tiny_bert()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    lengths = [7, 3, 5]
+    tokens = torch.randint(1, 50, (3, 7), generator=torch.Generator().manual_seed(3))
+    mask = _lengths_mask(lengths, 7)
+    upstream = torch.randn(int(mask.sum()), 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+
+    def grads_and_stats() -> tuple[dict[str, Tensor], list[Tensor]]:
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        stats = [m.running_var.clone() for m in model.modules() if isinstance(m, BatchNormChannelsLast)]
+        return grads, stats
+
+    with set_padding_mask_from(model):
+        padded = model(input_ids=torch.where(mask, tokens, 0), attention_mask=mask.long()).last_hidden_state[mask]
+    (padded * upstream).sum().backward()
+    padded_grads, padded_stats = grads_and_stats()
+    model.load_state_dict(state)
+    model.zero_grad()
+    segment = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+    packed = model(
+        input_ids=tokens[mask][None],
+        position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
+        attention_mask=(segment[:, None] == segment[None, :])[None, None],  # (1, 1, 15, 15): within a sequence
+    ).last_hidden_state[0]
+    (packed * upstream).sum().backward()
+    packed_grads, packed_stats = grads_and_stats()
+    torch.testing.assert_close(padded, packed, rtol=1e-9, atol=1e-9)
+    assert padded_grads.keys() == packed_grads.keys() and len(padded_grads) > 10
+    for name in padded_grads:
+        torch.testing.assert_close(padded_grads[name], packed_grads[name], rtol=1e-8, atol=1e-9, msg=name)
+    for a, b in zip(padded_stats, packed_stats):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_set_padding_mask_from_equals_unpadded_sequences() -> None:

@@ -217,7 +217,9 @@ class BatchRenorm(_LayoutBatchNorm):
     from 0 to their final values over the first ``warmup_steps`` training batches (counted by
     ``num_batches_tracked``), so training starts as batch norm. In eval it is batch norm with running statistics.
     With ``sync_stats`` on (see :class:`lightning_bn.plugins.SyncNormPlugin`) ``mu_B`` and ``sigma_B`` are those of
-    the union of every process's batch, reduced exactly and differentiably, as in ``SyncBatchNorm``.
+    the union of every process's batch, reduced exactly and differentiably, as in ``SyncBatchNorm``. Under
+    :func:`lightning_bn.padding_mask` ``mu_B``, ``sigma_B`` (so ``r`` and ``d``) and the running update are those of
+    the real tokens (of every process, when synchronized); padded positions get the same transform.
 
     Args:
         num_features: channels ``C``.
@@ -313,6 +315,10 @@ class GhostBatchNorm(_LayoutBatchNorm):
     process (each process's batch is cut as above) and the running statistics average the virtual batches of every
     process, so they are identical everywhere; when each process's batch is a multiple of ``virtual_batch_size``
     this is ghost batch norm on the union batch, exactly.
+
+    Under :func:`lightning_bn.padding_mask` each virtual batch is normalized with the statistics of its real tokens;
+    a virtual batch without one is only scaled and shifted (mean 0, variance 1) and left out of the running
+    statistics, which average the virtual batches that have real tokens (of every process, when synchronized).
     """
 
     def __init__(
