@@ -3,6 +3,9 @@
 While a mask is active, every batch statistic of a tensor whose non-channel dimensions match the mask counts real
 tokens only: the batch-statistics layers (their normalization and their running-statistics update), synchronized
 batch norm across processes, :func:`lightning_bn.recalibrate_bn` and :class:`lightning_bn.callbacks.LayerStatsMonitor`.
+The layers are this package's: ``BatchNormChannelsLast``, ``BatchNormNd``, ``SyncBatchNorm``, ``GhostBatchNorm``,
+``BatchRenorm`` and ``PowerNorm``; torch's own ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` ignore masks
+(:func:`set_padding_mask_from` warns about them). See docs/padding.md.
 
 The mask is ``(N, T)`` for tokens ``(N, T, C)`` (in general ``(N, *)``, the input's shape without its channel
 dimension), boolean, True at a real token. Masks nest: the innermost one is active. The state is a plain module-level
@@ -65,6 +68,13 @@ def padding_mask(mask: Tensor) -> Iterator[Tensor]:
     Raises:
         TypeError: ``mask`` is not a boolean tensor.
         ValueError: ``mask`` has no dimension.
+
+    Example::
+
+        >>> bn = lightning_bn.layers.build_norm("batch", 4, layout="channels_last")
+        >>> x, mask = torch.randn(2, 3, 4), torch.tensor([[True, True, False], [True, False, False]])
+        >>> with padding_mask(mask):
+        ...     y = bn(x)   # mean and variance of the 3 real tokens
     """
     _push(_check_mask(mask))
     try:
@@ -101,6 +111,11 @@ def mask_for(x: Tensor, channel_dim: int, *, strict: bool = False, name: str = "
     cdim = channel_dim % x.dim()
     rest = x.shape[:cdim] + x.shape[cdim + 1 :]
     if tuple(rest) == tuple(mask.shape):
+        if mask.device != x.device:
+            raise ValueError(
+                f"padding_mask is on {mask.device} but the input of {name or 'a layer'} is on {x.device}: "
+                "enter the mask on the model's device"
+            )
         return mask
     if strict:
         raise ValueError(
@@ -139,7 +154,12 @@ def check_real_tokens(
         )
 
     if torch.compiler.is_compiling():
-        torch._assert_async(count >= minimum, message(None))
+        # No shapes in the text: under dynamic shapes they are symbols, which a traced message cannot hold.
+        torch._assert_async(
+            count >= minimum,
+            f"{name} computes batch statistics over the real tokens (padding_mask True), but the {scope} has fewer "
+            f"than {minimum} real tokens: leave such batches out or run them in eval mode",
+        )
         return
     verified = _VERIFIED[-1] if _VERIFIED else {}
     if verified.get(key, -1) >= minimum:

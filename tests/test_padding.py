@@ -648,3 +648,34 @@ def test_real_token_check_is_per_minimum_and_scope() -> None:
         power(x)  # one real token is enough for a quadratic mean
         with pytest.raises(ValueError, match="fewer than 2 real tokens, got 1"):
             bn(x)
+
+
+def test_mask_on_another_device_than_the_input_raises() -> None:
+    bn = BatchNormChannelsLast(C)
+    with padding_mask(torch.ones(2, 5, dtype=torch.bool, device="meta")), pytest.raises(ValueError, match="meta"):
+        bn(torch.randn(2, 5, C))
+
+
+@pytest.mark.parametrize("kind", ["batch", "power"])
+def test_compiled_layers_with_varying_sequence_lengths_settle_after_one_dynamic_recompile(kind: str) -> None:
+    """Padded batches change length from step to step: dynamo's automatic dynamic shapes recompile once per mode
+    (with and without a mask) when the length first changes, then never again; no graph breaks."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    norm = build_norm(kind, C, layout="channels_last")
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(norm, backend=backend, fullgraph=True)
+    gen = torch.Generator().manual_seed(0)
+    frames = []
+    for total in (5, 6, 7, 9, 5):
+        x = torch.randn(3, total, C, generator=gen, requires_grad=True)
+        mask = _lengths_mask([total, 2, total - 1], total)
+        compiled(x).sum().backward()
+        with padding_mask(mask):
+            compiled(x).sum().backward()
+        frames.append(backend.frame_count)
+    assert frames == [2, 4, 4, 4, 4]
+    assert sum(counters["graph_break"].values()) == 0
