@@ -345,6 +345,10 @@ def _batch_stat_forward(
     accumulated, so each input is read for statistics once.
     """
     post = [module.get_submodule(attr) for attr in info.post]
+    # FSDP2 puts the unsharded parameter under the same attribute for each forward (the one described is a shard)
+    own = dict(module.named_parameters(recurse=False))
+    scale_attr = next((n for n, p in own.items() if p is info.scale), None)
+    shift_attr = next((n for n, p in own.items() if p is info.shift), None)
 
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         cdim = channel_dim(info.layout, x.dim())
@@ -358,7 +362,9 @@ def _batch_stat_forward(
         mean, var = mean_var(moments, unbiased=False)  # training-mode batch norm normalizes with the biased var
         if mask is not None:  # an all-padding batch: finite outputs, which later layers' masks leave out anyway
             var = torch.where(moments[COUNT] > 0, var, torch.ones_like(var))
-        weight, bias, eps = info.scale, info.shift, info.eps if info.eps is not None else 1e-5
+        weight = getattr(module, scale_attr) if scale_attr is not None else info.scale
+        bias = getattr(module, shift_attr) if shift_attr is not None else info.shift
+        eps = info.eps if info.eps is not None else 1e-5
         stat_dtype = weight.dtype if weight is not None else x.dtype
         mean, var = mean.to(stat_dtype), var.to(stat_dtype)
         if cdim == 1:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_bn.callbacks import LayerStatsMonitor, LossLandscapeProbe, NormSwap
+from lightning_bn.callbacks import BatchNormRecalibration, LayerStatsMonitor, LossLandscapeProbe, NormSwap
 from lightning_bn.moments import dtensor_norms, shard_copies, shard_sums_of_squares
 from lightning_bn.plugins import SyncNormPlugin
 from tests.dist import run_distributed
@@ -113,14 +113,16 @@ def _fit_once(strategy: object, sync_plugin: bool) -> dict:
     model = Net(sync_in_configure=sync_plugin and isinstance(strategy, ModelParallelStrategy))
     monitor = LayerStatsMonitor(log_every_n_steps=1, histogram_every_n_steps=2, heatmap_every_n_logs=None)
     seen: dict = {}
+    recal = BatchNormRecalibration(when="fit_end")
 
     class Watch(L.Callback):
         def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             seen["trained_bn"] = _bn_buffers(pl_module.net)  # before the recalibration at fit end
             seen["dtensor_params"] = sum(shard_copies(p) is not None for p in pl_module.parameters())
+            seen["batches"] = [x.clone() for x, _ in trainer.train_dataloader]  # this process's, as recalibrated
 
     plugins = [SyncNormPlugin()] if sync_plugin and not isinstance(strategy, ModelParallelStrategy) else []
-    trainer = _trainer(strategy, [monitor, Watch()], plugins)
+    trainer = _trainer(strategy, [monitor, Watch(), recal], plugins)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model)
@@ -388,3 +390,22 @@ def test_collector_on_sharded_parameters(runs: list[dict]) -> None:
             assert got["hist_counts"][name] == got["numel"][name]  # every element of the full tensor binned once
         assert got["own_group"].startswith("ValueError") and "mesh of 2 processes" in got["own_group"]
         assert "group of 1" in got["own_group"]
+
+
+def test_recalibration_exact_and_identical(runs: list[dict]) -> None:
+    """Identical on both ranks, equal to DDP's, and equal to recalibrate_bn in one process on every process's
+    batches (a batch norm downstream of another sees inputs normalized with each batch's own statistics)."""
+    from lightning_bn.recalibrate import recalibrate_bn
+
+    fsdp = runs[0]["fsdp"]
+    for name, value in fsdp["recalibrated"].items():
+        torch.testing.assert_close(value, runs[1]["fsdp"]["recalibrated"][name], rtol=0, atol=0)
+        torch.testing.assert_close(value, runs[0]["ddp"]["recalibrated"][name], rtol=1e-5, atol=1e-6)
+    net = _net()
+    state = net.state_dict()
+    state.update(fsdp["weights"])
+    net.load_state_dict(state)
+    recalibrate_bn(net, [b for run in runs for b in run["fsdp"]["batches"]])
+    for name, value in _bn_buffers(net).items():
+        torch.testing.assert_close(fsdp["recalibrated"][name], value, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(fsdp["trained_bn"]["1.running_var"], fsdp["recalibrated"]["1.running_var"])
