@@ -31,6 +31,8 @@ __all__ = [
     "SUM_SQ",
     "all_reduce_sum",
     "channel_moments",
+    "masked_channel_moments",
+    "masked_shifted_channel_moments",
     "shifted_channel_moments",
     "accumulation_dtype",
     "distributed_world_size",
@@ -100,6 +102,55 @@ def channel_moments(x: Tensor, channel_dim: int = 1, dtype: torch.dtype | None =
         return torch.stack([count, sums, squares])
     view = view.to(dtype)
     return torch.stack([count, view.sum(2).sum(0), (view * view).sum(2).sum(0)])
+
+
+def _masked_values(x: Tensor, mask: Tensor, cdim: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, list[int]]:
+    """``x`` in ``dtype`` with zeros at padding (``torch.where``, so a non-finite padded value neither leaks into the
+    sums nor into the gradient), the mask broadcast over the channel dimension, and the dimensions to reduce."""
+    keep = mask.unsqueeze(cdim)
+    values = torch.where(keep, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
+    return values, keep, [d for d in range(x.dim()) if d != cdim]
+
+
+def masked_channel_moments(x: Tensor, mask: Tensor, channel_dim: int = 1, dtype: torch.dtype | None = None) -> Tensor:
+    """Per-channel count, sum and sum of squares of the real values of ``x`` (``mask`` True) as a ``(3, C)`` tensor.
+
+    ``mask`` is boolean with ``x``'s shape without ``channel_dim`` (``(N, T)`` for tokens ``(N, T, C)``); the count
+    is the number of real positions, the same for every channel. Differentiable; padded values get a zero gradient.
+
+    Args:
+        x: any tensor with a channel dimension.
+        mask: boolean, True at a real position.
+        channel_dim: the channel dimension (1 for ``(N, C, *)``, -1 for ``(N, *, C)``).
+        dtype: accumulation dtype; by default float32 (float64 for float64 inputs).
+    """
+    dtype = dtype or accumulation_dtype(x.dtype)
+    cdim = channel_dim % x.dim()
+    values, _, dims = _masked_values(x, mask, cdim, dtype)
+    count = mask.sum(dtype=dtype).expand(x.shape[cdim])
+    return torch.stack([count, values.sum(dims), (values * values).sum(dims)])
+
+
+def masked_shifted_channel_moments(x: Tensor, mask: Tensor, channel_dim: int = 1) -> Tensor:
+    """:func:`shifted_channel_moments` of the real values of ``x`` (``mask`` True): ``(3, C)`` float64 moments that
+    add across processes (synchronized batch norm under :func:`lightning_bn.padding_mask`).
+
+    The shift is this process's mean of its real values (0 when it has none), so nothing cancels. Differentiable;
+    padded values get a zero gradient.
+    """
+    acc = accumulation_dtype(x.dtype)
+    cdim = channel_dim % x.dim()
+    values, keep, dims = _masked_values(x, mask, cdim, acc)
+    count = mask.sum(dtype=torch.float64)
+    with torch.no_grad():
+        shift = values.sum(dims) / count.clamp_min(1.0).to(acc)
+    shape = [1] * x.dim()
+    shape[cdim] = -1
+    centred = torch.where(keep, values - shift.view(shape), torch.zeros((), dtype=acc, device=x.device))
+    s1, s2 = centred.sum(dims).double(), (centred * centred).sum(dims).double()
+    k = shift.double()
+    n = count.expand(x.shape[cdim])
+    return torch.stack([n, n * k + s1, s2 + k * (2.0 * s1 + n * k)])
 
 
 def shifted_channel_moments(x: Tensor, channel_dim: int = 1) -> Tensor:

@@ -17,16 +17,27 @@ Example::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PaddingMaskHooks", "active_padding_mask", "mask_for", "padding_mask", "set_padding_mask_from"]
+__all__ = [
+    "PaddingMaskHooks",
+    "active_padding_mask",
+    "check_real_tokens",
+    "mask_for",
+    "padding_mask",
+    "set_padding_mask_from",
+]
 
 # The innermost active mask is the last entry. Not thread-local: dynamo traces a plain global, not threading.local.
 _ACTIVE: list[Tensor] = []
+# One entry per active mask: the keys (None, or a process group) whose count of real tokens was read to the host and
+# found sufficient. Every layer that fits a mask counts the same real tokens, so the first layer's host read serves
+# the whole forward (eager only: a compiled graph asserts on the device instead).
+_VERIFIED: list[set[Hashable]] = []
 
 
 def _check_mask(mask: Any) -> Tensor:
@@ -53,11 +64,21 @@ def padding_mask(mask: Tensor) -> Iterator[Tensor]:
         TypeError: ``mask`` is not a boolean tensor.
         ValueError: ``mask`` has no dimension.
     """
-    _ACTIVE.append(_check_mask(mask))
+    _push(_check_mask(mask))
     try:
         yield mask
     finally:
-        _ACTIVE.pop()
+        _pop()
+
+
+def _push(mask: Tensor) -> None:
+    _ACTIVE.append(mask)
+    _VERIFIED.append(set())
+
+
+def _pop() -> None:
+    _ACTIVE.pop()
+    _VERIFIED.pop()
 
 
 def active_padding_mask() -> Tensor | None:
@@ -87,6 +108,45 @@ def mask_for(x: Tensor, channel_dim: int, *, strict: bool = False, name: str = "
     return None
 
 
+def check_real_tokens(
+    count: Tensor,
+    *,
+    name: str,
+    input_shape: tuple[int, ...],
+    minimum: int = 2,
+    key: Hashable = None,
+    scope: str = "batch",
+) -> None:
+    """Raise a ``ValueError`` unless ``count`` (real tokens per channel, a 0-d tensor) is at least ``minimum``.
+
+    Called by the batch-statistics layers under a mask, with the count of the global batch for synchronized layers
+    (so every process raises alike and none waits). Eagerly the count is read to the host once per mask and ``key``
+    (a process group or None); under ``torch.compile`` it is a tensor-side assertion, raised when the graph runs.
+    """
+    mask = active_padding_mask()
+    mask_shape = None if mask is None else tuple(mask.shape)
+
+    def message(value: float | None) -> str:
+        got = "" if value is None else f", got {int(value)}"
+        what = "no real token" if value == 0 else f"fewer than {minimum} real tokens"
+        return (
+            f"{name} computes batch statistics over the real tokens (padding_mask True), but the {scope} has "
+            f"{what}{got} (padding_mask shape {mask_shape}, input shape {tuple(input_shape)}); it needs at least "
+            f"{minimum}: leave such batches out or run them in eval mode"
+        )
+
+    if torch.compiler.is_compiling():
+        torch._assert_async(count >= minimum, message(None))
+        return
+    verified = _VERIFIED[-1] if _VERIFIED else set()
+    if key in verified:
+        return
+    value = float(count)
+    if value < minimum:
+        raise ValueError(message(value))
+    verified.add(key)
+
+
 def set_padding_mask_from(
     model: nn.Module, argument: str = "attention_mask", *, position: int | None = None
 ) -> PaddingMaskHooks:
@@ -106,20 +166,26 @@ def set_padding_mask_from(
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(argument, str) or not argument:
         raise ValueError(f"`argument` must be the name of the forward's mask argument, got {argument!r}")
-    entered: list[contextlib.ExitStack] = []
+    # Whether each forward in progress (nested calls included) entered a mask. Plain list operations rather than a
+    # context manager, so that dynamo traces the hooks of a compiled model without a graph break.
+    entered: list[bool] = []
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         value = kwargs.get(argument)
         if value is None and position is not None and len(args) > position:
             value = args[position]
-        stack = contextlib.ExitStack()
         if value is not None:
-            stack.enter_context(padding_mask(value if value.dtype == torch.bool else value != 0))
-        entered.append(stack)
+            if not isinstance(value, Tensor):
+                raise TypeError(
+                    f"set_padding_mask_from: the forward's `{argument}` must be a tensor (nonzero at a real token) "
+                    f"or None, got {type(value).__name__}"
+                )
+            _push(_check_mask(value if value.dtype == torch.bool else value != 0))
+        entered.append(value is not None)
 
     def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if entered:
-            entered.pop().close()
+        if entered and entered.pop():
+            _pop()
 
     pre = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
     post = model.register_forward_hook(post_hook, with_kwargs=True, always_call=True)

@@ -22,9 +22,11 @@ from lightning_bn.moments import (
     all_reduce_sum,
     channel_moments,
     distributed_world_size,
+    masked_shifted_channel_moments,
     mean_var,
     reduce_across_processes,
 )
+from lightning_bn.padding import check_real_tokens, mask_for
 
 __all__ = ["BatchNormNd", "BatchNormChannelsLast", "BatchRenorm", "GhostBatchNorm", "FrozenBatchNorm"]
 
@@ -34,8 +36,81 @@ def _as_channels_first(x: Tensor, layout: str) -> Tensor:
     return x.reshape(-1, x.shape[-1]) if layout == CHANNELS_LAST else x
 
 
+def layer_name(module: nn.Module) -> str:
+    """How error messages name a layer: its class and channels."""
+    return f"{type(module).__name__}(num_features={getattr(module, 'num_features', '?')})"
+
+
+def padding_of(module: nn.Module, x: Tensor, cdim: int) -> Tensor | None:
+    """The active :func:`lightning_bn.padding_mask` for ``module``'s input ``x`` (None without one); a mask that
+    does not fit ``x`` raises, naming the layer."""
+    return mask_for(x, cdim, strict=True, name=layer_name(module))
+
+
+def masked_moments(
+    module: nn.Module, x: Tensor, cdim: int, mask: Tensor, synchronized: bool = False, group: Any = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Count, mean and biased variance (float64, differentiable) of the real tokens of ``x``, over every process
+    of ``group`` when ``synchronized``; raises when the (global) batch has fewer than 2 real tokens."""
+    moments = masked_shifted_channel_moments(x, mask, cdim)
+    if synchronized:
+        moments = all_reduce_sum(moments, group)
+    count = moments[COUNT][0].detach()
+    scope = "batch of all processes together" if synchronized else "batch"
+    key = group if synchronized else None
+    check_real_tokens(count, name=layer_name(module), input_shape=tuple(x.shape), key=key, scope=scope)
+    mean, var = mean_var(moments)
+    return count, mean, var
+
+
+def normalize_with(
+    x: Tensor, cdim: int, mean: Tensor, var: Tensor, eps: float, weight: Tensor | None, bias: Tensor | None
+) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` at every position (padding included: finite, unspecified),
+    as one scale and shift per channel in the accumulation dtype."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(shift.dtype)
+    acc = accumulation_dtype(x.dtype)
+    ndim = x.dim()
+    out = x.to(acc) * per_channel(scale.to(acc), ndim, cdim) + per_channel(shift.to(acc), ndim, cdim)
+    return out.to(x.dtype)
+
+
+def _masked_torch_batch_norm(module: _BatchNorm, x: Tensor, cdim: int, mask: Tensor) -> Tensor:
+    """What ``_BatchNorm.forward`` does with batch statistics, over the real tokens only: torch's update rule for
+    the running statistics (``num_batches_tracked``, momentum or the cumulative average, unbiased variance with the
+    real count)."""
+    count, mean, var = masked_moments(module, x, cdim, mask)
+    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
+        assert module.running_mean is not None and module.running_var is not None
+        with torch.no_grad():
+            module.num_batches_tracked.add_(1)
+            # A tensor for the cumulative average: no host read of the counter (a graph break when compiled).
+            factor: float | Tensor = (
+                1.0 / module.num_batches_tracked.to(module.running_mean.dtype)
+                if module.momentum is None
+                else float(module.momentum)
+            )
+            module.running_mean.lerp_(mean.to(module.running_mean.dtype), factor)
+            module.running_var.lerp_((var * (count / (count - 1.0))).to(module.running_var.dtype), factor)
+    return normalize_with(x, cdim, mean, var, module.eps, module.weight, module.bias)
+
+
+def _uses_batch_statistics(module: _BatchNorm) -> bool:
+    """Torch's rule: batch statistics in training, and in eval when there are no running buffers."""
+    return module.training or (module.running_mean is None and module.running_var is None)
+
+
 class BatchNormNd(_BatchNorm):
-    """Batch norm over channels-first input ``(N, C, *)`` with any number of spatial dimensions."""
+    """Batch norm over channels-first input ``(N, C, *)`` with any number of spatial dimensions.
+
+    Under :func:`lightning_bn.padding_mask` (a mask of shape ``(N, *)``) its batch statistics and running-statistics
+    update count the real positions only; without a mask it is torch's batch norm.
+    """
 
     layout = CHANNELS_FIRST
 
@@ -43,11 +118,22 @@ class BatchNormNd(_BatchNorm):
         if input.dim() < 2:
             raise ValueError(f"expected input of shape (N, C, *), got {tuple(input.shape)}")
 
+    def forward(self, input: Tensor) -> Tensor:
+        if _uses_batch_statistics(self):
+            self._check_input_dim(input)
+            mask = padding_of(self, input, 1)
+            if mask is not None:
+                return _masked_torch_batch_norm(self, input, 1, mask)
+        return super().forward(input)
+
 
 class BatchNormChannelsLast(_BatchNorm):
     """Batch norm over channels-last input ``(N, *, C)``, e.g. transformer tokens ``(B, T, C)``.
 
-    Statistics per channel over every batch and position; the same kernel and buffers as torch's batch norm.
+    Statistics per channel over every batch and position; the same kernel and buffers as torch's batch norm. Under
+    :func:`lightning_bn.padding_mask` (a mask of shape ``(N, *)``, True at a real token) the batch statistics and
+    the running-statistics update count the real tokens only, and every position, padding included, goes through
+    the same normalization and affine transform.
     """
 
     layout = CHANNELS_LAST
@@ -58,6 +144,10 @@ class BatchNormChannelsLast(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        if _uses_batch_statistics(self):
+            mask = padding_of(self, input, input.dim() - 1)
+            if mask is not None:
+                return _masked_torch_batch_norm(self, input, input.dim() - 1, mask)
         return super().forward(input.reshape(-1, input.shape[-1])).reshape(input.shape)
 
 
@@ -176,9 +266,15 @@ class BatchRenorm(_LayoutBatchNorm):
         if not self.training:
             return self._eval_forward(input)
         cdim = channel_dim(self.layout, input.dim())
-        if self._synchronized():
+        mask = padding_of(self, input, cdim)
+        n: Any
+        if mask is not None:
+            n, mean, var = masked_moments(self, input, cdim, mask, self._synchronized(), self.sync_group)
+            bessel = (n / (n - 1.0)).to(input.dtype)
+            mean, var = mean.to(input.dtype), var.to(input.dtype)
+        elif self._synchronized():
             moments = all_reduce_sum(channel_moments(input, cdim), self.sync_group)
-            n: Any = moments[COUNT][0]
+            n = moments[COUNT][0]
             mean, var = (m.to(input.dtype) for m in mean_var(moments))
             bessel = (n / (n - 1.0).clamp_min(1.0)).to(input.dtype)
         else:
@@ -238,6 +334,9 @@ class GhostBatchNorm(_LayoutBatchNorm):
         self._check_input_dim(input)
         if not self.training:
             return self._eval_forward(input)
+        mask = padding_of(self, input, channel_dim(self.layout, input.dim()))
+        if mask is not None:
+            return self._masked_forward(input, mask)
         outs, means, vars_ = [], [], []
         for chunk in input.split(self.virtual_batch_size, dim=0):
             flat = _as_channels_first(chunk, self.layout)
@@ -261,6 +360,43 @@ class GhostBatchNorm(_LayoutBatchNorm):
             self._update_running_stats(total[:c] / count, total[c : 2 * c] / count)
         else:
             self._update_running_stats(torch.stack(means).mean(0), torch.stack(vars_).mean(0))
+        return torch.cat(outs, dim=0) if outs else input.clone()
+
+    def _masked_forward(self, input: Tensor, mask: Tensor) -> Tensor:
+        """Each virtual batch normalized with the statistics of its real tokens; a virtual batch without one is
+        only scaled and shifted (mean 0, variance 1) and left out of the running statistics, which average the
+        virtual batches that have real tokens."""
+        cdim = channel_dim(self.layout, input.dim())
+        name, shape = layer_name(self), tuple(input.shape)
+        synchronized = self._synchronized()
+        if not synchronized:
+            check_real_tokens(mask.sum(), name=name, input_shape=shape)
+        outs, mean_sum, var_sum, batches = [], None, None, None
+        chunks = zip(input.split(self.virtual_batch_size, dim=0), mask.split(self.virtual_batch_size, dim=0))
+        for chunk, chunk_mask in chunks:
+            moments = masked_shifted_channel_moments(chunk, chunk_mask, cdim)
+            n = moments[COUNT][0]
+            mean, var = mean_var(moments)
+            real = n > 0
+            var_or_one = torch.where(real, var, torch.ones_like(var))
+            outs.append(normalize_with(chunk, cdim, mean, var_or_one, self.eps, self.weight, self.bias))
+            with torch.no_grad():
+                unbiased = var * (n / (n - 1.0).clamp_min(1.0))
+                mean_sum = mean if mean_sum is None else mean_sum + mean  # an empty virtual batch adds zeros
+                var_sum = unbiased if var_sum is None else var_sum + unbiased
+                batches = real.double() if batches is None else batches + real.double()
+        acc = torch.float64
+        local = torch.zeros(2 * self.num_features + 1, dtype=acc, device=input.device)
+        if outs:
+            assert mean_sum is not None and var_sum is not None and batches is not None
+            local = torch.cat([mean_sum.detach(), var_sum.detach(), batches.detach().reshape(1)])
+        total = reduce_across_processes(local, group=self.sync_group) if synchronized else local
+        if synchronized:
+            scope = "batch of all processes together"
+            check_real_tokens(total[-1], name=name, input_shape=shape, minimum=1, key=self.sync_group, scope=scope)
+        count = total[-1].clamp_min(1.0)
+        c = self.num_features
+        self._update_running_stats(total[:c] / count, total[c : 2 * c] / count)
         return torch.cat(outs, dim=0) if outs else input.clone()
 
     def extra_repr(self) -> str:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_bn.layers._batch import _LayoutBatchNorm
+from lightning_bn.layers._batch import _LayoutBatchNorm, masked_moments, normalize_with, padding_of
 from lightning_bn.layers._layout import CHANNELS_FIRST, CHANNELS_LAST, channel_dim, per_channel
 from lightning_bn.moments import (
     COUNT,
@@ -196,6 +196,12 @@ class SyncBatchNorm(_LayoutBatchNorm):
     group of one process, or in eval mode it is plain batch norm. Same parameters, buffers and ``state_dict`` keys
     as ``nn.BatchNorm2d``.
 
+    Under :func:`lightning_bn.padding_mask` (a mask of the input's shape without its channel dimension, True at a
+    real token) the statistics are those of the real tokens of every process together: each process sums its masked
+    count, sum and sum of squares, and one differentiable all-reduce adds them, so padding that differs from process
+    to process changes nothing. This is the portable computation on every device (the fused kernels take no mask);
+    the running variance is unbiased with the real count. Padded positions go through the same scale and shift.
+
     Every process of the group must call ``forward`` in training mode the same number of times (a collective in
     the forward and one in the backward), as with ``torch.nn.SyncBatchNorm``.
 
@@ -214,6 +220,9 @@ class SyncBatchNorm(_LayoutBatchNorm):
             most one value per channel (raised on every process alike, so none is left waiting). Under
             ``torch.compile`` the last check is a tensor-side assertion (``RuntimeError`` on CPU, a device-side
             assertion on CUDA), made only when this process's own input has at most one value per channel.
+            Under a mask: a mask that does not fit the input (the message names the layer, the input shape and the
+            mask shape), and a global batch with fewer than 2 real tokens, "no real token" included (read to the
+            host once per mask and forward; a tensor-side assertion under ``torch.compile``).
 
     Example::
 
@@ -262,13 +271,21 @@ class SyncBatchNorm(_LayoutBatchNorm):
                 factor = 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
             else:
                 factor = 1.0 / float(self.num_batches_tracked)  # F.batch_norm takes a float, as torch's layer does
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        mask = padding_of(self, input, cdim) if use_batch_stats else None
+        if mask is not None:
+            # Masked counts and sums, summed over the processes: exact however unevenly they are padded (the fused
+            # kernels take no mask, so this is the portable computation on CUDA too).
+            count, mean, var = masked_moments(self, input, cdim, mask, synchronized, self.process_group)
+            if self.training:
+                self._update_running_stats_from(mean, var * (count / (count - 1.0)), factor)
+            return normalize_with(input, cdim, mean, var, self.eps, self.weight, self.bias)
         if synchronized:
             if _uses_fused_kernels(input, self.weight, self.bias):
                 return self._fused_forward(input, factor)
             return self._synchronized_forward(input, cdim, factor)
         # Plain batch norm: torch's kernel, with a (M, C) view for channels-last input.
         assert isinstance(factor, float)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         update = not self.training or self.track_running_stats
         flat = input.reshape(-1, input.shape[-1]) if self.layout == CHANNELS_LAST else input
         out = F.batch_norm(
