@@ -135,6 +135,12 @@ def test_names_drop_orig_mod() -> None:
     collector = LayerStatsCollector(select_modules(model))
     assert collector.names == ["body.conv", "body.bn", "head"]
     assert [n for n, _ in collector.param_list][:2] == ["body.conv.weight", "body.conv.bias"]
+    # globs match the uncompiled names, as the keys have them
+    def chosen(**selectors: object) -> list[str]:
+        return [n for n, _ in uncompiled_modules(select_modules(model, **selectors))]  # type: ignore[arg-type]
+
+    assert chosen(include=["body.conv", "head"]) == ["body.conv", "head"]
+    assert chosen(exclude="body.bn") == ["body.conv", "head"]
 
 
 # ------------------------------------------------------------------------------------------------ three ways

@@ -303,3 +303,38 @@ def test_ddp_two_processes_equal_one_process_on_all_data() -> None:
         assert r["diffs"] == pytest.approx(single.grad_diffs, rel=1e-10, abs=1e-14)
         assert r["gnorm"] == pytest.approx(single.grad_norm, rel=1e-12)
     assert math.isfinite(single.beta_smooth) and single.beta_smooth > 0
+
+
+# ------------------------------------------------------------------------------------------------ torch.compile
+@pytest.mark.parametrize("mode", ["fit", "init", "configure_model", "in_place"])
+def test_probe_on_compiled_models_measures_as_eager_and_compiles_as_without_it(mode: str) -> None:
+    from torch._dynamo.utils import counters
+
+    from tests.test_compile_monitor import QUIET as QUIET_COMPILE
+    from tests.test_compile_monitor import Tiny, _loader
+
+    def fit(model: Tiny, probe: LossLandscapeProbe | None) -> tuple[int, int, int]:
+        torch._dynamo.reset()
+        counters.clear()
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=6, precision="64-true", logger=False,
+                            callbacks=[probe] if probe else [], limit_val_batches=0, **QUIET_COMPILE)
+        trainer.fit(torch.compile(model, backend=model.backend) if model.mode == "fit" else model, _loader())
+        return (counters["stats"]["unique_graphs"], counters["frames"]["total"], sum(counters["graph_break"].values()))
+
+    eager = LossLandscapeProbe(every_n_steps=2, step_sizes=(0.1, 0.4))
+    fit(Tiny(), eager)
+    plain = fit(Tiny(mode), None)
+    probe = LossLandscapeProbe(every_n_steps=2, step_sizes=(0.1, 0.4))
+    model = Tiny(mode)
+    try:
+        run = fit(model, probe)
+    finally:
+        torch._dynamo.reset()
+    # the probe's forwards and backwards run the compiled graph: nothing more compiled, no break, no recompile
+    assert plain[0] >= 1 and run == plain and set(model.graphs) == {plain[0]}
+    assert [s for s, _ in probe.history] == [s for s, _ in eager.history] == [0, 2, 4]
+    for (_, got), (_, want) in zip(probe.history, eager.history):
+        assert got.loss == pytest.approx(want.loss, rel=1e-12)
+        assert got.losses == pytest.approx(want.losses, rel=1e-12)
+        assert got.grad_diffs == pytest.approx(want.grad_diffs, rel=1e-9)
+        assert got.grad_norm == pytest.approx(want.grad_norm, rel=1e-12) and got.grad_norm > 0

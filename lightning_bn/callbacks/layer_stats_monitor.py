@@ -95,6 +95,11 @@ class LayerStatsMonitor(Callback):
     hooks; the other steps run the compiled graphs of a run without the monitor. Modules that run as TorchScript get
     a one-time warning naming the figures they lack.
 
+    Padded sequences: where the LightningModule runs its forward under :func:`lightning_bn.padding_mask` (or
+    :func:`lightning_bn.set_padding_mask_from`), the ``act``, ``act_in``, ``act_grad`` and ``bn`` figures of
+    channels-last tensors that fit the mask (``(N, T, C)`` for an ``(N, T)`` mask) count real tokens only, so
+    ``act/frac_zero`` does not report padding as dead units; other tensors are summarized whole.
+
     Logged metrics (``<module>`` is a watched module's name, ``<param>`` one of its own parameters' names)::
 
         act/mean/<module>             mean of the module's output (all floating tensors of a tuple/list/dict output)

@@ -187,6 +187,11 @@ class LossLandscapeProbe(Callback):
     gradient; figures are computed on every rank and written by rank zero to every logger of the trainer at
     ``step = trainer.global_step``. Each probe costs ``1 + len(step_sizes)`` forward and backward passes.
 
+    On a ``torch.compile``'d model (``trainer.fit(torch.compile(model))``, ``self.net = torch.compile(self.net)``
+    or ``module.compile()``) the probe's passes run the training step's compiled graph: it changes parameter and
+    buffer values in place, never modes or shapes, so dynamo's guards hold and nothing recompiles; the figures are
+    those of the eager model.
+
     Place it before :class:`~lightning_bn.callbacks.LayerStatsMonitor` in the callbacks list: the monitor's hooks are
     attached in its own ``on_train_batch_start`` and would count the probe's forwards.
 

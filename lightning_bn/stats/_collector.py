@@ -16,6 +16,11 @@ Activation checkpointing: a forward run while autograd executes a backward pass 
 still registered on it, because with reentrant checkpointing only the recomputed output is part of the graph. A
 gradient hook fires only for a tensor that takes part in the backward pass, so each gradient is counted once.
 
+Padding: under :func:`lightning_bn.padding_mask`, a tensor whose dimensions other than the last match the mask (a
+channels-last ``(N, T, C)`` for an ``(N, T)`` mask) is summarized over its real tokens only, and so is its gradient
+(the mask active at the forward is kept for the gradient hook); a batch-norm layer's batch moments count the real
+tokens of its input in its own layout (as the mask-aware layers do). Every other tensor is summarized whole.
+
 ``torch.compile``: the hooks are eager code. A hook that dynamo traces (hooks present while a compiled region
 compiles) returns at once, so it never breaks a graph, and counts nothing. Run the collected forward and backward
 under ``torch.compiler.set_stance("force_eager")`` on a compiled model (the monitor does) and every hook fires.
@@ -23,6 +28,7 @@ under ``torch.compiler.set_stance("force_eager")`` on a compiled model (the moni
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +40,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_bn.moments import SUMMARY_FIELDS, channel_moments, distributed_world_size, reduce_across_processes
+from lightning_bn.padding import active_padding_mask
 from lightning_bn.stats import _fields
 from lightning_bn.stats._fields import (
     ACTIVATION_GRAD_STATS,
@@ -50,7 +57,26 @@ from lightning_bn.stats._names import uncompiled_modules
 from lightning_bn.stats._select import has_batch_stats, is_norm
 from lightning_bn.stats._summary import summary_row
 
-__all__ = ["LayerStats", "LayerStatsCollector", "ACTIVATION_STATS", "ACTIVATION_GRAD_STATS", "in_backward_pass"]
+__all__ = [
+    "LayerStats",
+    "LayerStatsCollector",
+    "ACTIVATION_STATS",
+    "ACTIVATION_GRAD_STATS",
+    "in_backward_pass",
+    "real_tokens",
+]
+
+
+def real_tokens(t: Tensor, mask: Tensor | None, channel_dim: int = -1) -> Tensor:
+    """The ``(R, C)`` rows of ``t`` at the real tokens of ``mask`` when ``mask`` fits ``t``'s dimensions other than
+    ``channel_dim`` (a copy: boolean indexing), else ``t`` itself."""
+    if mask is None or t.dim() < 2:
+        return t
+    cdim = channel_dim % t.dim()
+    if tuple(t.shape[:cdim] + t.shape[cdim + 1 :]) != tuple(mask.shape):
+        return t
+    return t.detach().movedim(cdim, -1)[mask.to(t.device)]
+
 
 def in_backward_pass() -> bool:
     """True while autograd runs a backward pass on this thread (a checkpointed forward is being recomputed)."""
@@ -102,6 +128,7 @@ class _Summarized(NamedTuple):
     producer: int
     channel_sums: Tensor | None
     channel_dim: int | None
+    mask: Tensor | None  # the padding mask it was summarized under
 
 
 @dataclass
@@ -323,6 +350,7 @@ class LayerStatsCollector:
                 outputs = [output] if output.is_floating_point() else []
             else:
                 outputs = list(_float_tensors(output))
+            mask = active_padding_mask()
             if not in_backward_pass():
                 state.forwards += 1
                 state.order.setdefault(i)
@@ -331,7 +359,7 @@ class LayerStatsCollector:
                 if self.activations:
                     # the input first: it is usually the previous watched output, still in the one-entry cache
                     if norm and x is not None:
-                        reused = self._add_summary(state, "act_in", i, x)
+                        reused = self._add_summary(state, "act_in", i, x, mask=mask)
                         if bn and reused is not None:
                             # from the next collection on, the producer computes the channel sums of its output
                             # along with its summary (they give its sum and sum of squares) and this layer reuses them
@@ -339,22 +367,24 @@ class LayerStatsCollector:
                             self._feeds_bn[reused.producer] = (cdim, _running(module)[0].numel())
                             sums = reused.channel_sums if reused.channel_dim == cdim else None
                     for t in outputs:
-                        self._add_summary(state, "act", i, t, producer=True)
+                        self._add_summary(state, "act", i, t, producer=True, mask=mask)
                         if state.histograms:
-                            self._add_hist(state, i, t)
+                            self._add_hist(state, i, real_tokens(t, mask))
                 if bn and self.batch_norm and x is not None:
-                    self._add_bn_moments(state, i, module, x, sums)
+                    self._add_bn_moments(state, i, module, x, sums, mask)
             if self.activation_grads:
                 for t in outputs:
                     if t.requires_grad:
-                        t.register_hook(grad_hook)
+                        # the gradient runs after the forward has left the mask's block: bind the mask now
+                        t.register_hook(grad_hook if mask is None else functools.partial(grad_hook, mask=mask))
 
         return hook
 
     def _make_grad_hook(self, i: int) -> Any:
-        def grad_hook(grad: Tensor) -> None:
+        def grad_hook(grad: Tensor, mask: Tensor | None = None) -> None:
             if torch.compiler.is_compiling():
                 return
+            grad = real_tokens(grad, mask)
             state = self._state
             # by default RMS, max and non-finite fraction only (ACTIVATION_GRAD_STATS): no sum or zeros
             state.add_row("act_grad", i, self._row(grad, full=self._grad_full), grad.device)
@@ -363,25 +393,36 @@ class LayerStatsCollector:
         return grad_hook
 
     def _add_summary(
-        self, state: _Collection, area: str, i: int, t: Tensor, producer: bool = False
+        self, state: _Collection, area: str, i: int, t: Tensor, producer: bool = False, mask: Tensor | None = None
     ) -> _Summarized | None:
-        """Summarize ``t`` as module ``i``'s ``area``; returns the cache entry when ``t`` is the output just
-        summarized (then its row is reused)."""
+        """Summarize ``t`` (its real tokens under ``mask``) as module ``i``'s ``area``; returns the cache entry when
+        ``t`` is the output just summarized under the same mask (then its row is reused)."""
         key = id(t)
         version = None if t.is_inference() else t._version  # inference tensors have no version counter
         cached = state.recent.get(key)
-        if version is not None and cached is not None and cached.tensor() is t and cached.version == version:
+        if (
+            version is not None
+            and cached is not None
+            and cached.tensor() is t
+            and cached.version == version
+            and cached.mask is mask
+        ):
             state.add_row(area, i, cached.row, t.device)
             return cached
+        real = real_tokens(t, mask)
         sums, cdim = None, None
         if producer and i in self._feeds_bn:
             cdim, channels = self._feeds_bn[i]
-            sums = self._channel_sums(t, cdim, channels)
-        row = self._row(t, totals=None if sums is None else sums.sum(1))
+            # the consumer's moments count the real tokens of its own layout: the same selection for channels last
+            if real is t:
+                sums = self._channel_sums(t, cdim, channels)
+            elif cdim == t.dim() - 1:
+                sums = self._channel_sums(real, real.dim() - 1, channels)
+        row = self._row(real, totals=None if sums is None else sums.sum(1))
         state.summaries += 1
         state.add_row(area, i, row, t.device)
         if producer and version is not None:
-            state.recent = {key: _Summarized(weakref.ref(t), version, row, i, sums, cdim)}
+            state.recent = {key: _Summarized(weakref.ref(t), version, row, i, sums, cdim, mask)}
         return None
 
     def _add_hist(self, state: _Collection, i: int, t: Tensor) -> None:
@@ -393,11 +434,21 @@ class LayerStatsCollector:
         return 1 if getattr(module, "layout", "channels_first") == "channels_first" else x.dim() - 1
 
     def _add_bn_moments(
-        self, state: _Collection, i: int, module: nn.Module, x: Tensor, sums: Tensor | None = None
+        self,
+        state: _Collection,
+        i: int,
+        module: nn.Module,
+        x: Tensor,
+        sums: Tensor | None = None,
+        mask: Tensor | None = None,
     ) -> None:
         channels = _running(module)[0].numel()
+        cdim = self._channel_dim(module, x)
+        real = real_tokens(x, mask, cdim)
+        if real is not x:
+            x, cdim = real, 1  # (R, C)
         if sums is None or sums.shape[-1] != channels:
-            sums = self._channel_sums(x, self._channel_dim(module, x), channels)
+            sums = self._channel_sums(x, cdim, channels)
         if sums is not None:
             state.bn_moments.append((i, sums, x.numel() / sums.shape[-1]))
 

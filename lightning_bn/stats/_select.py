@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from lightning_bn import taxonomy
+from lightning_bn.stats._names import uncompiled_name
 
 __all__ = [
     "Selector",
@@ -90,7 +91,9 @@ def select_modules(
     - a module reachable under several names is watched once, under its first name.
 
     With ``include``, a module is watched when it matches any entry (a class, by ``isinstance``, or a glob on its
-    name); ``exclude`` then removes the modules that match any of its entries.
+    name); ``exclude`` then removes the modules that match any of its entries. Globs match the names of the user's
+    model without ``torch.compile``'s ``_orig_mod`` (``"net.0"`` selects ``net.0`` also after
+    ``self.net = torch.compile(self.net)``), as the metric keys have them.
 
     Args:
         model: the model.
@@ -111,9 +114,9 @@ def select_modules(
         if inc is None:
             if not watched_by_default(module):
                 continue
-        elif not _matches(inc, name, module):
+        elif not _matches(inc, uncompiled_name(name), module):
             continue
-        if exc is not None and _matches(exc, name, module):
+        if exc is not None and _matches(exc, uncompiled_name(name), module):
             continue
         chosen.append((name, module))
     return chosen
