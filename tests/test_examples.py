@@ -519,3 +519,42 @@ def test_padded_model_under_the_mask_ignores_the_padding_in_train_mode():
     torch.testing.assert_close(var_a, var_b, rtol=1e-10, atol=1e-10)
     (a, loss_a, var_a), (b, loss_b, var_b) = results[False]  # negative control: the padding counts
     assert not torch.allclose(a, b, atol=1e-6) and not torch.allclose(var_a, var_b, atol=1e-6)
+
+
+class _ReferenceMaskedBatchNorm(nn.Module):
+    """Batch norm by its formula over the real tokens of ``mask`` (train mode, biased variance), for comparison."""
+
+    def __init__(self, bn: nn.Module, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps, self.mask = bn.weight, bn.bias, bn.eps, mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        real = x[self.mask]  # (n_real, C)
+        mean, var = real.mean(0), real.var(0, unbiased=False)
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
+def test_padded_model_loss_and_gradients_match_batch_norm_over_real_tokens_by_formula():
+    """The whole padded model under its mask against the same model whose batch norms are the formula over the real
+    tokens: the loss and every parameter's gradient, in float64."""
+    import copy
+
+    torch.manual_seed(0)
+    batch = pad_collate([torch.randint(0, 20, (n,)) for n in (9, 4, 7, 2, 12, 3)])
+    model = CharTransformer(norm="batch", vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=16).double()
+    reference = copy.deepcopy(model)
+    for block in reference.model.blocks:
+        block.ln_1 = _ReferenceMaskedBatchNorm(block.ln_1, batch["attention_mask"])
+        block.ln_2 = _ReferenceMaskedBatchNorm(block.ln_2, batch["attention_mask"])
+    reference.model.ln_f = _ReferenceMaskedBatchNorm(reference.model.ln_f, batch["attention_mask"])
+    _, loss = model(**batch)
+    _, expected = reference(**batch)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-11, msg=name)
+    # negative control: the same model counting the padding is another loss
+    model.hparams["mask_padding"] = False
+    _, counted = model(**batch)
+    assert abs(counted.item() - expected.item()) > 1e-3
