@@ -46,6 +46,7 @@ from lightning_bn.layers._channel import (
     RMSNormChannelsFirst,
 )
 from lightning_bn.layers._layout import CHANNELS_FIRST, CHANNELS_LAST, LAYOUTS, check_layout
+from lightning_bn.layers._power import PowerNorm
 from lightning_bn.layers._registry import registered_classes
 from lightning_bn.layers._sync import SyncBatchNorm
 
@@ -143,6 +144,9 @@ CF, CL = CHANNELS_FIRST, CHANNELS_LAST
 # is the base's: what a forward of its own computes is for `declare_norm_layout` or the probe to say.
 _CLASS_TABLE: list[tuple[type[nn.Module], _Recipe]] = [
     (FrozenBatchNorm, _r("frozen_batch", channels="num_features")),
+    # Its statistic is a quadratic mean kept as running_phi, not running_mean/running_var: not a batch-norm kind to
+    # swaps and the monitor; recalibrate_bn recomputes running_phi by this kind.
+    (PowerNorm, _r("power", channels="num_features", batch_stats=False, running_stats=False)),
     (SyncBatchNorm, _r("sync_batch", channels="num_features")),
     (BatchRenorm, _r("batch_renorm", channels="num_features")),
     (GhostBatchNorm, _r("ghost_batch", channels="num_features")),

@@ -1,8 +1,8 @@
 """Normalization layers and the registry of kinds (pure PyTorch, no Lightning).
 
 Kinds: ``batch``, ``sync_batch``, ``group``, ``layer``, ``instance``, ``rms``, ``batch_renorm``, ``ghost_batch``,
-``frozen_batch``, ``none``, and whatever :func:`register_norm` adds. Torch's own layers are used wherever they fit;
-the classes here cover what torch lacks.
+``frozen_batch``, ``power``, ``none``, and whatever :func:`register_norm` adds. Torch's own layers are used wherever
+they fit; the classes here cover what torch lacks.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from lightning_bn.layers._channel import (
     RMSNormChannelsFirst,
 )
 from lightning_bn.layers._layout import CHANNELS_FIRST, CHANNELS_LAST, LAYOUTS, channel_dim
+from lightning_bn.layers._power import PowerNorm
 from lightning_bn.layers._registry import (
     available_norms,
     build_norm,
@@ -43,6 +44,7 @@ __all__ = [
     "InstanceNormChannelsLast",
     "InstanceNormNd",
     "LayerNormChannelsFirst",
+    "PowerNorm",
     "RMSNormChannelsFirst",
     "SyncBatchNorm",
     "available_norms",

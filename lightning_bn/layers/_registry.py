@@ -18,6 +18,7 @@ from lightning_bn.layers._channel import (
     RMSNormChannelsFirst,
 )
 from lightning_bn.layers._layout import CHANNELS_FIRST, CHANNELS_LAST, LAYOUTS, check_layout
+from lightning_bn.layers._power import PowerNorm
 from lightning_bn.layers._sync import SyncBatchNorm
 
 __all__ = ["build_norm", "register_norm", "available_norms", "normalize_kind", "NormFactory", "registered_classes"]
@@ -109,6 +110,13 @@ def _frozen_batch(
     return FrozenBatchNorm(num_features, eps, affine, trainable_affine, layout=layout)
 
 
+def _power(
+    num_features: int, layout: str, dims: int | None, eps: float = 1e-5, alpha_fwd: float = 0.9,
+    alpha_bkw: float = 0.9, affine: bool = True, warmup_iters: int = 10000, num_groups: int = 1,
+) -> nn.Module:
+    return PowerNorm(num_features, eps, alpha_fwd, alpha_bkw, affine, warmup_iters, num_groups, layout=layout)
+
+
 def _none(num_features: int, layout: str, dims: int | None) -> nn.Module:
     return nn.Identity()
 
@@ -123,6 +131,7 @@ _REGISTRY: dict[str, NormFactory] = {
     "batch_renorm": _batch_renorm,
     "ghost_batch": _ghost_batch,
     "frozen_batch": _frozen_batch,
+    "power": _power,
     "none": _none,
 }
 _BUILT_IN = frozenset(_REGISTRY)
