@@ -194,6 +194,7 @@ def train_transformer(
     callbacks: Sequence[Callback] = (),
     task: str = "windows",
     mask_padding: bool = True,
+    norm_options: dict[str, Any] | None = None,
 ) -> RunResult:
     """Train ``examples.transformer.CharTransformer(norm=norm)`` for ``steps`` steps; validation bits per character.
 
@@ -206,7 +207,7 @@ def train_transformer(
                                           samples_per_epoch=steps * batch_size, seed=seed, task=task)
     model = tf_example.CharTransformer(norm=norm, vocab_size=data.vocab_size, block_size=block_size, n_layer=n_layer,
                                        n_head=n_head, n_embd=n_embd, lr=lr, warmup_steps=max(1, steps // 10),
-                                       mask_padding=mask_padding)
+                                       mask_padding=mask_padding, norm_options=norm_options)
     recorder = CurveRecorder("val/bpc")
     trainer = _trainer([*callbacks, recorder], max_epochs=1, max_steps=steps, limit_val_batches=val_batches,
                        val_check_interval=max(1, steps // 4))

@@ -96,7 +96,7 @@ def test_smoke_study_writes_report_tables_and_pngs(tmp_path: Path) -> None:
     assert [r[0] for r in padded_rows][:3] == ["layer (mask)", "batch (no mask)", "batch (mask)"]
     for row in padded_rows:
         assert 0 < float(row[1]) < 8
-        if row[0].startswith("layer"):  # no batch statistics, no monitor figures
+        if row[0].startswith(("layer", "power")):  # not batch norm to the monitor: no bn/* figures
             assert row[2:] == ["—", "—"]
         else:
             assert all(float(c) >= 0.0 for c in row[2:])
@@ -109,8 +109,8 @@ def test_smoke_study_writes_report_tables_and_pngs(tmp_path: Path) -> None:
 
 
 def test_quick_transformer_part_runs_the_padded_rows(tmp_path: Path) -> None:
-    """``python -m study --quick`` with part 5 alone (the CI size): its padded rows train below the unigram
-    entropy's 4.69 bits, and the monitor gives batch-norm figures for the rows with batch statistics."""
+    """``python -m study --quick`` with part 5 alone (the CI size): its padded rows train (layer norm below the
+    unigram entropy's 4.69 bits), and the monitor gives batch-norm figures for the rows with batch statistics."""
     threads = torch.get_num_threads()
     try:
         report = main(["--quick", "--parts", "transformer", "--out", str(tmp_path)])
@@ -119,8 +119,9 @@ def test_quick_transformer_part_runs_the_padded_rows(tmp_path: Path) -> None:
     text = report.read_text()
     rows = {r[0]: r[1:] for r in _table_after(text, "| padded task |")}
     assert {"layer (mask)", "batch (no mask)", "batch (mask)"} <= rows.keys()
-    assert all(float(v[0]) < 4.69 for v in rows.values())
-    assert all(float(c) > 0.0 for label, v in rows.items() if not label.startswith("layer") for c in v[1:])
+    assert all(0.0 < float(v[0]) < 8.0 for v in rows.values()) and float(rows["layer (mask)"][0]) < 4.69
+    assert all(float(c) > 0.0 for label, v in rows.items() if label.startswith("batch") for c in v[1:])
+    assert ("power (mask)" in rows) == ("power" in available_norms())
     assert (tmp_path / "study_transformer_padded.png").stat().st_size > 5000
 
 
