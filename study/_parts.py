@@ -553,11 +553,11 @@ def _part_transformer_padded(cfg: StudyConfig, out: Path, log: Log, sec: Section
     m = {label: mean_std(v)[0] for label, v in bpc.items()}
     ms = {label: mean_std(v["mean_shift"])[0] for label, v in shifts.items()}
     vs = {label: mean_std(v["var_shift"])[0] for label, v in shifts.items()}
-    masked, unmasked = padded_label("batch", True), padded_label("batch", False)
-    if masked in m and unmasked in m:
-        spread = max(mean_std(bpc[masked])[1], mean_std(bpc[unmasked])[1])
-        gap = m[masked] - m[unmasked]
-        one_seed = min(mean_std(bpc[masked])[2], mean_std(bpc[unmasked])[2]) < 2
+    with_mask, without_mask = padded_label("batch", True), padded_label("batch", False)
+    if with_mask in m and without_mask in m:
+        spread = max(mean_std(bpc[with_mask])[1], mean_std(bpc[without_mask])[1])
+        gap = m[with_mask] - m[without_mask]
+        one_seed = min(mean_std(bpc[with_mask])[2], mean_std(bpc[without_mask])[2]) < 2
         verdict = (f"the mask {'helps' if gap < 0 else 'does not help'} in this one seed, with no spread over "
                    "seeds to judge the gap by" if one_seed else
                    "within the spread over seeds, so no difference is measured" if abs(gap) <= 2 * spread else
@@ -567,26 +567,26 @@ def _part_transformer_padded(cfg: StudyConfig, out: Path, log: Log, sec: Section
                    "(tests/test_examples.py), so this is the effect of the statistics, not of an error in them, "
                    "and these runs do not say why")
         sentences = [
-            f"**Agreement (padded task).** Batch norm over real tokens only scored {m[masked]:.3f} bits per "
-            f"character against {m[unmasked]:.3f} with the padding counted: {verdict}."
-            + f" Its batch statistics stayed {'closer to' if ms[masked] < ms[unmasked] else 'no closer to'} the "
-            f"running ones in mean (shift {ms[masked]:.3g} vs {ms[unmasked]:.3g}) and "
-            f"{'closer' if vs[masked] < vs[unmasked] else 'no closer'} in variance ({vs[masked]:.3g} vs "
-            f"{vs[unmasked]:.3g})."
+            f"**Agreement (padded task).** Batch norm over real tokens only scored {m[with_mask]:.3f} bits per "
+            f"character against {m[without_mask]:.3f} with the padding counted: {verdict}."
+            + f" Its batch statistics stayed {'closer to' if ms[with_mask] < ms[without_mask] else 'no closer to'} the "
+            f"running ones in mean (shift {ms[with_mask]:.3g} vs {ms[without_mask]:.3g}) and "
+            f"{'closer' if vs[with_mask] < vs[without_mask] else 'no closer'} in variance ({vs[with_mask]:.3g} vs "
+            f"{vs[without_mask]:.3g})."
         ]
         layer = padded_label("layer", True)
         if layer in m:
             sentences.append(
                 f" Layer norm scored {m[layer]:.3f}: " + ("better than batch norm even with the mask, as the paper "
-                "reports for batch norm in transformers." if m[layer] < m[masked] else "no better than batch norm "
+                "reports for batch norm in transformers." if m[layer] < m[with_mask] else "no better than batch norm "
                 "with the mask, unlike the paper.")
             )
         power = padded_label("power", True)
         if power in m:
             sentences.append(
                 f" PowerNorm with the mask scored {m[power]:.3f}: "
-                + (f"better than batch norm ({m[masked]:.3f})" if m[power] < m[masked] else
-                   f"no better than batch norm ({m[masked]:.3f})")
+                + (f"better than batch norm ({m[with_mask]:.3f})" if m[power] < m[with_mask] else
+                   f"no better than batch norm ({m[with_mask]:.3f})")
                 + (" and than layer norm, as the paper reports." if layer in m and m[power] < m[layer] else
                    ", but not better than layer norm as in the paper's translation results." if layer in m else
                    ".")
