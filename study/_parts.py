@@ -482,6 +482,16 @@ def padded_label(norm: str, masked: bool) -> str:
     return f"{norm} ({'mask' if masked else 'no mask'})"
 
 
+def _versus(a: Sequence[float], b: Sequence[float]) -> str:
+    """Where the mean of ``a`` lies against that of ``b``: "below" or "above" when they differ by more than twice the
+    larger standard deviation over seeds, else "level with"; with one seed the direction alone."""
+    (ma, sa, na), (mb, sb, nb) = mean_std(a), mean_std(b)
+    direction = "below" if ma < mb else "above"
+    if min(na, nb) < 2:
+        return direction
+    return direction if abs(ma - mb) > 2 * max(sa, sb) else "level with"
+
+
 def _padded_norm_options(norm: str, steps: int) -> dict[str, Any]:
     """PowerNorm's warm-up scaled to the run: the authors' default of 10,000 steps would outlast every run here, and
     PowerNorm would never normalize with its running quadratic mean."""
@@ -554,43 +564,44 @@ def _part_transformer_padded(cfg: StudyConfig, out: Path, log: Log, sec: Section
     ms = {label: mean_std(v["mean_shift"])[0] for label, v in shifts.items()}
     vs = {label: mean_std(v["var_shift"])[0] for label, v in shifts.items()}
     with_mask, without_mask = padded_label("batch", True), padded_label("batch", False)
+    layer, power = padded_label("layer", True), padded_label("power", True)
     if with_mask in m and without_mask in m:
-        spread = max(mean_std(bpc[with_mask])[1], mean_std(bpc[without_mask])[1])
-        gap = m[with_mask] - m[without_mask]
-        one_seed = min(mean_std(bpc[with_mask])[2], mean_std(bpc[without_mask])[2]) < 2
-        verdict = (f"the mask {'helps' if gap < 0 else 'does not help'} in this one seed, with no spread over "
-                   "seeds to judge the gap by" if one_seed else
-                   "within the spread over seeds, so no difference is measured" if abs(gap) <= 2 * spread else
-                   "the mask helps, as the issue expects" if gap < 0 else
-                   "the mask makes batch norm worse here, by more than the spread over seeds; the padded "
-                   "model's loss and gradients under the mask equal batch norm by formula over the real tokens "
-                   "(tests/test_examples.py), so this is the effect of the statistics, not of an error in them, "
-                   "and these runs do not say why")
+        gap = _versus(bpc[with_mask], bpc[without_mask])
+        verdict = {
+            "below": "the mask helps, as the issue expects",
+            "above": "the mask makes batch norm worse here, by more than the spread over seeds; the padded model's "
+                      "loss and gradients under the mask equal batch norm by formula over the real tokens "
+                      "(tests/test_examples.py), so this is the effect of the statistics, not an error in them, and "
+                      "these runs do not say why",
+            "level with": "the same within the spread over seeds",
+        }[gap]
+        if cfg.seeds < 2:
+            verdict = f"the mask {'helps' if gap == 'below' else 'does not help'} in this one seed"
+        mean_vs = _versus(shifts[with_mask]["mean_shift"], shifts[without_mask]["mean_shift"])
+        var_vs = _versus(shifts[with_mask]["var_shift"], shifts[without_mask]["var_shift"])
         sentences = [
             f"**Agreement (padded task).** Batch norm over real tokens only scored {m[with_mask]:.3f} bits per "
-            f"character against {m[without_mask]:.3f} with the padding counted: {verdict}."
-            + f" Its batch statistics stayed {'closer to' if ms[with_mask] < ms[without_mask] else 'no closer to'} the "
-            f"running ones in mean (shift {ms[with_mask]:.3g} vs {ms[without_mask]:.3g}) and "
-            f"{'closer' if vs[with_mask] < vs[without_mask] else 'no closer'} in variance ({vs[with_mask]:.3g} vs "
-            f"{vs[without_mask]:.3g})."
+            f"character against {m[without_mask]:.3f} with the padding counted: {verdict}. Under the mask its mean "
+            f"shift ({ms[with_mask]:.3g}) was {mean_vs} that with the padding counted ({ms[without_mask]:.3g}), its "
+            f"variance shift ({vs[with_mask]:.3g}) {var_vs} it ({vs[without_mask]:.3g})."
         ]
-        layer = padded_label("layer", True)
         if layer in m:
             sentences.append(
-                f" Layer norm scored {m[layer]:.3f}: " + ("better than batch norm even with the mask, as the paper "
-                "reports for batch norm in transformers." if m[layer] < m[with_mask] else "no better than batch norm "
-                "with the mask, unlike the paper.")
+                f" Layer norm scored {m[layer]:.3f}, {_versus(bpc[layer], bpc[with_mask])} batch norm with the mask "
+                f"and {_versus(bpc[layer], bpc[without_mask])} batch norm without it; the paper has layer norm ahead "
+                "of batch norm in transformers."
             )
-        power = padded_label("power", True)
         if power in m:
             sentences.append(
-                f" PowerNorm with the mask scored {m[power]:.3f}: "
-                + (f"better than batch norm ({m[with_mask]:.3f})" if m[power] < m[with_mask] else
-                   f"no better than batch norm ({m[with_mask]:.3f})")
-                + (" and than layer norm, as the paper reports." if layer in m and m[power] < m[layer] else
-                   ", but not better than layer norm as in the paper's translation results." if layer in m else
-                   ".")
+                f" PowerNorm with the mask scored {m[power]:.3f}, {_versus(bpc[power], bpc[with_mask])} batch norm "
+                "with the mask" + (f" and {_versus(bpc[power], bpc[layer])} layer norm" if layer in m else "")
+                + "; the paper has PowerNorm ahead of both."
             )
+        if cfg.seeds < 2:
+            sentences.append(" One seed: no spread over seeds to judge these gaps by.")
+        else:
+            sentences.append(" (Level with: the means differ by at most twice the larger standard deviation over "
+                             "seeds.)")
         sec.add("".join(sentences), "")
     sec.add(
         "**Scale.** These runs are small: the model sees each character a handful of times, a batch holds "
