@@ -3,6 +3,9 @@
 While a mask is active, every batch statistic of a tensor whose non-channel dimensions match the mask counts real
 tokens only: the batch-statistics layers (their normalization and their running-statistics update), synchronized
 batch norm across processes, :func:`lightning_bn.recalibrate_bn` and :class:`lightning_bn.callbacks.LayerStatsMonitor`.
+The layers are this package's: ``BatchNormChannelsLast``, ``BatchNormNd``, ``SyncBatchNorm``, ``GhostBatchNorm``,
+``BatchRenorm`` and ``PowerNorm``; torch's own ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` ignore masks
+(:func:`set_padding_mask_from` warns about them). See docs/padding.md.
 
 The mask is ``(N, T)`` for tokens ``(N, T, C)`` (in general ``(N, *)``, the input's shape without its channel
 dimension), boolean, True at a real token. Masks nest: the innermost one is active. The state is a plain module-level
@@ -17,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Hashable, Iterator
 from typing import Any
 
@@ -34,10 +38,11 @@ __all__ = [
 
 # The innermost active mask is the last entry. Not thread-local: dynamo traces a plain global, not threading.local.
 _ACTIVE: list[Tensor] = []
-# One entry per active mask: the keys (None, or a process group) whose count of real tokens was read to the host and
-# found sufficient. Every layer that fits a mask counts the same real tokens, so the first layer's host read serves
-# the whole forward (eager only: a compiled graph asserts on the device instead).
-_VERIFIED: list[set[Hashable]] = []
+# One entry per active mask: for each key (this process's batch, or a process group's global batch) the largest
+# minimum its count of real tokens was read to the host and found to meet. Every layer that fits a mask counts the
+# same real tokens, so the first layer's host read serves the whole forward (eager only: a compiled graph asserts on
+# the device instead).
+_VERIFIED: list[dict[Hashable, int]] = []
 
 
 def _check_mask(mask: Any) -> Tensor:
@@ -63,6 +68,13 @@ def padding_mask(mask: Tensor) -> Iterator[Tensor]:
     Raises:
         TypeError: ``mask`` is not a boolean tensor.
         ValueError: ``mask`` has no dimension.
+
+    Example::
+
+        >>> bn = lightning_bn.layers.build_norm("batch", 4, layout="channels_last")
+        >>> x, mask = torch.randn(2, 3, 4), torch.tensor([[True, True, False], [True, False, False]])
+        >>> with padding_mask(mask):
+        ...     y = bn(x)   # mean and variance of the 3 real tokens
     """
     _push(_check_mask(mask))
     try:
@@ -73,7 +85,7 @@ def padding_mask(mask: Tensor) -> Iterator[Tensor]:
 
 def _push(mask: Tensor) -> None:
     _ACTIVE.append(mask)
-    _VERIFIED.append(set())
+    _VERIFIED.append({})
 
 
 def _pop() -> None:
@@ -99,6 +111,11 @@ def mask_for(x: Tensor, channel_dim: int, *, strict: bool = False, name: str = "
     cdim = channel_dim % x.dim()
     rest = x.shape[:cdim] + x.shape[cdim + 1 :]
     if tuple(rest) == tuple(mask.shape):
+        if mask.device != x.device:
+            raise ValueError(
+                f"padding_mask is on {mask.device} but the input of {name or 'a layer'} is on {x.device}: "
+                "enter the mask on the model's device"
+            )
         return mask
     if strict:
         raise ValueError(
@@ -114,14 +131,15 @@ def check_real_tokens(
     name: str,
     input_shape: tuple[int, ...],
     minimum: int = 2,
-    key: Hashable = None,
+    key: Hashable = "local",
     scope: str = "batch",
 ) -> None:
     """Raise a ``ValueError`` unless ``count`` (real tokens per channel, a 0-d tensor) is at least ``minimum``.
 
     Called by the batch-statistics layers under a mask, with the count of the global batch for synchronized layers
-    (so every process raises alike and none waits). Eagerly the count is read to the host once per mask and ``key``
-    (a process group or None); under ``torch.compile`` it is a tensor-side assertion, raised when the graph runs.
+    (so every process raises alike and none waits). Eagerly the count is read to the host once per mask, ``key``
+    (``"local"`` for this process's batch, ``("global", group)`` for a process group's) and ``minimum``; under
+    ``torch.compile`` it is a tensor-side assertion, raised when the graph runs.
     """
     mask = active_padding_mask()
     mask_shape = None if mask is None else tuple(mask.shape)
@@ -136,15 +154,20 @@ def check_real_tokens(
         )
 
     if torch.compiler.is_compiling():
-        torch._assert_async(count >= minimum, message(None))
+        # No shapes in the text: under dynamic shapes they are symbols, which a traced message cannot hold.
+        torch._assert_async(
+            count >= minimum,
+            f"{name} computes batch statistics over the real tokens (padding_mask True), but the {scope} has fewer "
+            f"than {minimum} real tokens: leave such batches out or run them in eval mode",
+        )
         return
-    verified = _VERIFIED[-1] if _VERIFIED else set()
-    if key in verified:
+    verified = _VERIFIED[-1] if _VERIFIED else {}
+    if verified.get(key, -1) >= minimum:
         return
     value = float(count)
     if value < minimum:
         raise ValueError(message(value))
-    verified.add(key)
+    verified[key] = max(minimum, verified.get(key, minimum))
 
 
 def set_padding_mask_from(
@@ -166,6 +189,7 @@ def set_padding_mask_from(
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(argument, str) or not argument:
         raise ValueError(f"`argument` must be the name of the forward's mask argument, got {argument!r}")
+    _warn_mask_unaware(model)
     # Whether each forward in progress (nested calls included) entered a mask. Plain list operations rather than a
     # context manager, so that dynamo traces the hooks of a compiled model without a graph break.
     entered: list[bool] = []
@@ -190,6 +214,30 @@ def set_padding_mask_from(
     pre = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
     post = model.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
     return PaddingMaskHooks(pre, post)
+
+
+def _warn_mask_unaware(model: nn.Module) -> None:
+    """Say loudly which batch norms of ``model`` would ignore the mask: torch's own classes compute their statistics
+    in a kernel that takes no mask (this package's classes, e.g. after ``swap_norms``, do take it)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from lightning_bn.layers._batch import BatchNormChannelsLast, BatchNormNd, _LayoutBatchNorm
+
+    aware = (BatchNormChannelsLast, BatchNormNd, _LayoutBatchNorm)
+    unaware = [
+        f"{name} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if isinstance(m, _BatchNorm) and not isinstance(m, aware)
+    ]
+    if unaware:
+        warnings.warn(
+            f"set_padding_mask_from: {len(unaware)} batch-norm layer(s) of {type(model).__name__} ignore padding "
+            f"masks and will count padding in their batch statistics: {', '.join(unaware[:5])}"
+            f"{', ...' if len(unaware) > 5 else ''}. Replace them with this package's layers (channels-last: "
+            "build_norm('batch', C, layout='channels_last'); channels-first: BatchNormNd).",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class PaddingMaskHooks:

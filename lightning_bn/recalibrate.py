@@ -25,7 +25,16 @@ from torch import Tensor, nn
 
 from lightning_bn._checks import check_positive_int
 from lightning_bn.layers import channel_dim
-from lightning_bn.moments import COUNT, channel_moments, mean_var, reduce_across_processes
+from lightning_bn.layers._power import group_scaling
+from lightning_bn.moments import (
+    COUNT,
+    SUM_SQ,
+    channel_moments,
+    masked_channel_moments,
+    mean_var,
+    reduce_across_processes,
+)
+from lightning_bn.padding import mask_for, padding_mask
 from lightning_bn.stats._names import uncompiled_name
 from lightning_bn.taxonomy import NormInfo, describe_norm
 
@@ -40,6 +49,7 @@ __all__ = [
 ]
 
 ForwardFn = Callable[[nn.Module, Any], Any]
+MaskFn = Callable[[Any], "Tensor | None"]  # a batch to its padding mask
 
 
 @dataclass(frozen=True)
@@ -189,7 +199,17 @@ def recalibratable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The layers :func:`recalibrate_bn` recomputes by default: every layer the taxonomy describes as normalizing
     with batch statistics and keeping running ones (torch's, ours, third-party ones such as timm's
     ``BatchNormAct2d``)."""
-    return [(name, m) for name, m, info in _batch_norms(model) if info.batch_stats and info.running_stats]
+    return [(name, m) for name, m, info in _batch_norms(model) if _recomputable(info)]
+
+
+def _recomputable(info: NormInfo) -> bool:
+    """Batch norm with running statistics, or PowerNorm (its running quadratic mean ``running_phi``)."""
+    return (info.batch_stats and info.running_stats) or info.kind == "power"
+
+
+def _stat_names(info: NormInfo) -> tuple[str, ...]:
+    """The running buffers recalibration sets: ``running_mean``/``running_var``, or PowerNorm's ``running_phi``."""
+    return ("running_phi",) if info.kind == "power" else ("running_mean", "running_var")
 
 
 def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -202,7 +222,7 @@ def _batch_norms(model: nn.Module) -> list[tuple[str, nn.Module, NormInfo]]:
     found = []
     for name, m in _named_modules(model):
         info = describe_norm(m)
-        if info is not None and (info.batch_stats or info.kind == "frozen_batch"):
+        if info is not None and (info.batch_stats or info.kind in ("frozen_batch", "power")):
             found.append((name, m, info))
     return found
 
@@ -218,6 +238,8 @@ def _select(
     for name, _, info in _batch_norms(model):
         if info.kind == "frozen_batch":
             skipped[name] = "frozen batch norm"
+        elif info.kind == "power":
+            infos[name] = info
         elif not info.running_stats:
             skipped[name] = "track_running_stats=False"
         else:
@@ -326,10 +348,16 @@ def _batch_stat_forward(
 
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         cdim = channel_dim(info.layout, x.dim())
-        moments = channel_moments(x.detach(), cdim, dtype=torch.float64)
+        mask = mask_for(x, cdim, strict=True, name=f"{name} ({type(module).__name__})")
+        if mask is None:
+            moments = channel_moments(x.detach(), cdim, dtype=torch.float64)
+        else:
+            moments = masked_channel_moments(x.detach(), mask, cdim, dtype=torch.float64)
         if sink is not None:
             sink.add_(moments)
         mean, var = mean_var(moments, unbiased=False)  # training-mode batch norm normalizes with the biased var
+        if mask is not None:  # an all-padding batch: finite outputs, which later layers' masks leave out anyway
+            var = torch.where(moments[COUNT] > 0, var, torch.ones_like(var))
         weight, bias, eps = info.scale, info.shift, info.eps if info.eps is not None else 1e-5
         stat_dtype = weight.dtype if weight is not None else x.dtype
         mean, var = mean.to(stat_dtype), var.to(stat_dtype)
@@ -341,6 +369,36 @@ def _batch_stat_forward(
             out = F.batch_norm(x.movedim(cdim, 1), mean, var, weight, bias, False, 0.0, eps).movedim(1, cdim)
         for layer in post:
             out = layer(out)
+        return probe.record(name, x, out) if probe is not None and probe.active else out
+
+    return forward
+
+
+def _power_stat_forward(
+    module: nn.Module, info: NormInfo, name: str, sink: Tensor | None, probe: _Probe | None
+) -> Callable:
+    """PowerNorm with the batch's own quadratic mean (its warm-up forward), adding the moments of its group-scaled
+    input (real tokens only under a mask) to ``sink``; no buffer is touched."""
+
+    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        cdim = channel_dim(info.layout, x.dim())
+        mask = mask_for(x, cdim, strict=True, name=f"{name} ({type(module).__name__})")
+        scaled = group_scaling(x.detach(), cdim, int(getattr(module, "num_groups", 1)))
+        if mask is None:
+            moments = channel_moments(scaled, cdim, dtype=torch.float64)
+        else:
+            moments = masked_channel_moments(scaled, mask, cdim, dtype=torch.float64)
+        if sink is not None:
+            sink.add_(moments)
+        quadratic_mean = moments[SUM_SQ] / moments[COUNT].clamp_min(1.0)
+        shape = [1] * x.dim()
+        shape[cdim] = -1
+        eps = info.eps if info.eps is not None else 1e-5
+        out = scaled * torch.rsqrt(quadratic_mean + eps).to(x.dtype).view(shape)
+        if info.scale is not None:
+            out = out * info.scale.to(x.dtype).view(shape)
+        if info.shift is not None:
+            out = out + info.shift.to(x.dtype).view(shape)
         return probe.record(name, x, out) if probe is not None and probe.active else out
 
     return forward
@@ -445,6 +503,7 @@ def recalibrate_bn(
     progress: bool = False,
     exact_eval: bool = False,
     group: dist.ProcessGroup | None = None,
+    padding_mask_from: MaskFn | None = None,
 ) -> RecalibrationReport:
     """Set the running statistics of every batch-norm layer to the exact population statistics over ``batches``.
 
@@ -469,6 +528,17 @@ def recalibrate_bn(
     channels-last as the taxonomy says. Skipped: frozen batch norm and layers with ``track_running_stats=False``; a
     layer that saw no input keeps its statistics, with a warning.
 
+    Padded sequences: while a :func:`lightning_bn.padding_mask` is active, each layer whose input fits the mask
+    (its shape without the channel dimension) accumulates the moments of the real tokens only, so the statistics are
+    the exact population statistics of the real tokens (a mask that does not fit a layer's input raises, naming the
+    layer). The mask is set either by the feeding itself (``forward``, or the model's own ``training_step`` or
+    hooks such as :func:`lightning_bn.set_padding_mask_from`, which see the batch's ``attention_mask``), or by
+    ``padding_mask_from(batch)``, which maps each batch (already on the model's device) to its mask, entered around
+    the feeding of that batch (a mask the feeding enters itself is the innermost and wins). PowerNorm layers (kind
+    ``"power"``) are recomputed too: their ``running_phi`` becomes the population quadratic mean of their
+    group-scaled (real) inputs, their ``ema_gz`` and ``iters`` stay; their report's ``mean_shift`` is 0 and
+    ``var_shift`` compares the quadratic means.
+
     With ``exact_eval=True`` the statistics of each layer are taken from the inputs inference will give it: the
     layers are recomputed depth level by depth level (a layer's level is one more than that of the deepest
     batch-norm layer feeding it, found from the autograd graph of the first batch), with the layers of earlier
@@ -489,6 +559,8 @@ def recalibrate_bn(
         progress: show a tqdm progress bar on process zero.
         exact_eval: recompute level by level from eval-mode features (see above).
         group: the process group to reduce over (default: the world when initialized).
+        padding_mask_from: ``padding_mask_from(batch)`` gives the batch's boolean ``(N, *)`` mask (True, or
+            nonzero, at a real token) or None; each batch is fed under :func:`lightning_bn.padding_mask` of it.
 
     Returns:
         A :class:`RecalibrationReport`: per layer the relative change of mean and variance and the values used.
@@ -496,7 +568,8 @@ def recalibrate_bn(
     Raises:
         ValueError: ``batches`` gave no batch on any process, a bad ``num_batches``, ``modules`` naming a layer
             that is not in the model or cannot be recalibrated, or ``exact_eval`` with a one-shot iterator.
-        TypeError: ``batches`` is not iterable, or the default ``forward`` cannot feed a batch to the model (no
+        TypeError: ``batches`` is not iterable, ``padding_mask_from`` is not callable or returns something that is
+            not a tensor, or the default ``forward`` cannot feed a batch to the model (no
             ``forward`` of its own, or one that does not take the batch); the message says what was tried and how
             to pass ``forward``.
 
@@ -508,6 +581,11 @@ def recalibrate_bn(
         96
     """
     _check_args(batches, num_batches, forward, exact_eval)
+    if padding_mask_from is not None and not callable(padding_mask_from):
+        raise TypeError(
+            f"`padding_mask_from` must be callable as padding_mask_from(batch) -> mask or None, "
+            f"got {padding_mask_from!r}"
+        )
     selected, infos, skipped = _select(model, modules)
     report = RecalibrationReport(skipped=skipped)
     if not selected:
@@ -521,8 +599,7 @@ def recalibrate_bn(
     feed = forward or default_forward
     device = _model_device(model)
     names = list(selected)
-    old = {n: (_buffer(m, "running_mean").detach().clone(), _buffer(m, "running_var").detach().clone())
-           for n, m in selected.items()}
+    old = {n: _old_stats(m, infos[n]) for n, m in selected.items()}
     state = _ModelState(model)
     new_stats: dict[str, tuple[Tensor, Tensor, int]] = {}
     no_input: list[str] = []
@@ -546,8 +623,11 @@ def recalibrate_bn(
                     state.override_forward(m, None)
                 else:
                     m.training = True
-                    state.override_forward(m, _batch_stat_forward(m, infos[name], name, sinks.get(name), probe))
-            seen = _one_pass(model, batches, num_batches, feed, device, probe, progress, level, max_level, state)
+                    stat_forward = _power_stat_forward if infos[name].kind == "power" else _batch_stat_forward
+                    state.override_forward(m, stat_forward(m, infos[name], name, sinks.get(name), probe))
+            seen = _one_pass(
+                model, batches, num_batches, feed, device, probe, progress, level, max_level, state, padding_mask_from
+            )
             buffer = torch.cat([sinks[n].flatten() for n in todo] + [torch.tensor([float(seen)], device=device,
                                                                                   dtype=torch.float64)])
             max_mask = None
@@ -588,15 +668,23 @@ def recalibrate_bn(
                 if count == 0:
                     no_input.append(name)
                     continue
-                mean, var = mean_var(mom, unbiased=True)
-                with torch.no_grad():
-                    running_mean, running_var = _buffer(m, "running_mean"), _buffer(m, "running_var")
-                    running_mean.copy_(mean.to(running_mean.dtype))
-                    running_var.copy_(var.to(running_var.dtype))
+                if infos[name].kind == "power":
+                    # The population quadratic mean; no mean is kept (the report's mean shift is 0).
+                    var = mom[SUM_SQ] / mom[COUNT].clamp_min(1.0)
+                    mean = torch.zeros_like(var)
+                    with torch.no_grad():
+                        running_phi = _buffer(m, "running_phi")
+                        running_phi.copy_(var.to(running_phi.dtype))
+                else:
+                    mean, var = mean_var(mom, unbiased=True)
+                    with torch.no_grad():
+                        running_mean, running_var = _buffer(m, "running_mean"), _buffer(m, "running_var")
+                        running_mean.copy_(mean.to(running_mean.dtype))
+                        running_var.copy_(var.to(running_var.dtype))
                 new_stats[name] = (mean, var, count)
             report.num_passes += 1
             level += 1
-        keep = {(id(selected[n]), b) for n in new_stats for b in ("running_mean", "running_var")}
+        keep = {(id(selected[n]), b) for n in new_stats for b in _stat_names(infos[n])}
     except BaseException:
         state.restore(keep=set())
         raise
@@ -627,6 +715,26 @@ def recalibrate_bn(
     return report
 
 
+def _old_stats(module: nn.Module, info: NormInfo) -> tuple[Tensor, Tensor]:
+    """The running mean and variance before recalibration (PowerNorm: zeros and ``running_phi``)."""
+    if info.kind == "power":
+        phi = _buffer(module, "running_phi").detach().clone()
+        return torch.zeros_like(phi), phi
+    return _buffer(module, "running_mean").detach().clone(), _buffer(module, "running_var").detach().clone()
+
+
+def _batch_mask(padding_mask_from: MaskFn | None, batch: Any) -> Tensor | None:
+    if padding_mask_from is None:
+        return None
+    mask = padding_mask_from(batch)
+    if mask is not None and not isinstance(mask, Tensor):
+        raise TypeError(
+            f"`padding_mask_from` must return a tensor (True, or nonzero, at a real token) or None, "
+            f"got {type(mask).__name__}"
+        )
+    return mask if mask is None or mask.dtype == torch.bool else mask != 0
+
+
 def _one_pass(
     model: nn.Module,
     batches: Iterable,
@@ -638,6 +746,7 @@ def _one_pass(
     level: int,
     max_level: int,
     state: _ModelState,
+    padding_mask_from: MaskFn | None = None,
 ) -> int:
     """Feed the batches once; the first goes with autograd on when ``probe`` maps the layers' dependencies."""
     total = num_batches
@@ -651,17 +760,9 @@ def _one_pass(
     try:
         for batch in _limited(batches, num_batches):
             batch = move_to_device(batch, device)
-            if probe is not None and seen == 0:
-                for p, _ in state.requires_grad:
-                    p.requires_grad_(False)
-                with torch.enable_grad():
-                    feed(model, batch)
-                for p, flag in state.requires_grad:
-                    p.requires_grad_(flag)
-                probe.stop()  # the graph is known: the rest of the pass runs without autograd
-            else:
-                with torch.no_grad():
-                    feed(model, batch)
+            mask = _batch_mask(padding_mask_from, batch)
+            with padding_mask(mask) if mask is not None else contextlib.nullcontext():
+                _feed_one(model, batch, feed, probe if seen == 0 else None, state)
             seen += 1
             if bar is not None:
                 bar.update(1)
@@ -669,3 +770,18 @@ def _one_pass(
         if bar is not None:
             bar.close()
     return seen
+
+
+def _feed_one(model: nn.Module, batch: Any, feed: ForwardFn, probe: _Probe | None, state: _ModelState) -> None:
+    """One batch forward; with ``probe`` (the first batch of a probing pass) with autograd on."""
+    if probe is None:
+        with torch.no_grad():
+            feed(model, batch)
+        return
+    for p, _ in state.requires_grad:
+        p.requires_grad_(False)
+    with torch.enable_grad():
+        feed(model, batch)
+    for p, flag in state.requires_grad:
+        p.requires_grad_(flag)
+    probe.stop()  # the graph is known: the rest of the pass runs without autograd

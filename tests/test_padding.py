@@ -214,6 +214,7 @@ def test_mask_without_real_token_raises(kind: str) -> None:
     with padding_mask(torch.zeros(2, 5, dtype=torch.bool)), pytest.raises(ValueError, match="no real token, got 0"):
         bn(torch.randn(2, 5, C))
     torch.testing.assert_close(bn.running_mean, before)
+    assert int(bn.num_batches_tracked) == 0  # the step that raised changed nothing
     one = torch.zeros(2, 5, dtype=torch.bool)
     one[0, 0] = True
     if kind != "ghost_batch":  # a single real token has no variance
@@ -232,6 +233,9 @@ def test_mask_for_is_lenient_unless_strict() -> None:
 # ------------------------------------------------------------------------------------------------ synchronized
 
 
+_SYNC_KINDS = (("sync_batch", {}), ("batch_renorm", {"warmup_steps": 0}), ("ghost_batch", {"virtual_batch_size": 2}))
+
+
 def _sync_worker(rank: int, world_size: int, lengths: list[list[int]], total: int) -> dict:
     torch.manual_seed(0)
     x_all, mask_all = _padded([n for per_rank in lengths for n in per_rank], total, seed=7)
@@ -240,10 +244,10 @@ def _sync_worker(rank: int, world_size: int, lengths: list[list[int]], total: in
     part = slice(start, start + len(lengths[rank]))
     x, mask, upstream = x_all[part].clone().requires_grad_(), mask_all[part], upstream_all[part]
     out: dict = {}
-    for kind, options in (("sync_batch", {}), ("batch_renorm", {"warmup_steps": 0})):
+    for kind, options in _SYNC_KINDS:
         bn = build_norm(kind, C, layout="channels_last", **options).double()
         _set_params(bn)
-        if kind == "batch_renorm":
+        if kind != "sync_batch":
             bn.sync_stats = True  # what SyncNormPlugin sets for a fit
         x.grad = None
         with padding_mask(mask):
@@ -270,7 +274,8 @@ def _sync_worker(rank: int, world_size: int, lengths: list[list[int]], total: in
 
 
 def test_sync_batch_norm_with_different_padding_per_rank_equals_one_process() -> None:
-    lengths, total = [[6, 1, 2], [3, 0]], 6  # rank 0: 3 sequences, rank 1: 2 (one of them all padding)
+    # rank 0: 3 sequences, rank 1: 3, two of them all padding (its first virtual batch of 2 has no real token)
+    lengths, total = [[6, 1, 2], [0, 0, 3]], 6
     results = run_distributed(_sync_worker, 2, lengths, total)
     x_all, mask_all = _padded([n for per_rank in lengths for n in per_rank], total, seed=7)
     upstream_all = torch.randn(x_all.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
@@ -295,9 +300,42 @@ def test_sync_batch_norm_with_different_padding_per_rank_equals_one_process() ->
             assert result[kind]["finite"] and (result[kind]["pad_grad"] == 0).all()
             _close(result[kind]["running_mean"], reference.running_mean)
             _close(result[kind]["running_var"], reference.running_var)
+    _check_synchronized_ghost_batch_norm(results, lengths, total, x_all, mask_all, upstream_all)
     for result in results:  # every rank raises alike: none is left waiting in a collective
         assert result["empty_error"] is not None
         assert "no real token" in result["empty_error"] and "all processes together" in result["empty_error"]
+
+
+def _check_synchronized_ghost_batch_norm(results, lengths, total, x_all, mask_all, upstream_all) -> None:
+    """Virtual batches of 2 within each rank, each over its real tokens; running statistics averaged over the
+    virtual batches with real tokens of both ranks."""
+    reference = build_norm("ghost_batch", C, layout="channels_last").double()
+    _set_params(reference)
+    weight = reference.weight.detach().clone().requires_grad_()
+    bias = reference.bias.detach().clone().requires_grad_()
+    means, variances, start = [], [], 0
+    for rank, per_rank in enumerate(lengths):
+        outputs, grads = [], []
+        for first in range(0, len(per_rank), 2):
+            rows = slice(start + first, start + min(first + 2, len(per_rank)))
+            real = x_all[rows][mask_all[rows]].clone().requires_grad_()
+            if len(real) == 0:
+                continue
+            y = F.batch_norm(real, None, None, weight, bias, True, 0.0, reference.eps)
+            (y * upstream_all[rows][mask_all[rows]]).sum().backward()
+            outputs.append(y.detach())
+            grads.append(real.grad)
+            means.append(real.detach().mean(0))
+            variances.append(real.detach().var(0))
+        start += len(per_rank)
+        _close(results[rank]["ghost_batch"]["y"], torch.cat(outputs))
+        _close(results[rank]["ghost_batch"]["grad"], torch.cat(grads))
+        assert results[rank]["ghost_batch"]["finite"]
+    _close(sum(r["ghost_batch"]["weight"] for r in results), weight.grad)
+    _close(sum(r["ghost_batch"]["bias"] for r in results), bias.grad)
+    for result in results:
+        _close(result["ghost_batch"]["running_mean"], 0.9 * reference.running_mean + 0.1 * torch.stack(means).mean(0))
+        _close(result["ghost_batch"]["running_var"], 0.9 * reference.running_var + 0.1 * torch.stack(variances).mean(0))
 
 
 # ------------------------------------------------------------------------------------------------ Hugging Face
@@ -313,7 +351,7 @@ def _tiny_bert() -> nn.Module:
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=32,
-        max_position_embeddings=16,
+        max_position_embeddings=32,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
@@ -346,6 +384,44 @@ def test_set_padding_mask_from_hugging_face_attention_mask() -> None:
     torch.testing.assert_close(short, long, rtol=1e-9, atol=1e-9)
     # negative control: without the mask the padding enters the batch statistics
     assert not torch.allclose(run(7, 0), run(12, 9), atol=1e-3)
+
+
+def test_set_padding_mask_from_equals_the_unpadded_packed_batch() -> None:
+    """The exact unpadded reference: the same sequences packed into one row without any padding (positions restarting
+    per sequence, a block-diagonal attention mask), where batch norm sees exactly the real tokens. The padded batch
+    under the attention-mask hooks gives the same outputs, parameter gradients and running statistics."""
+    model = _tiny_bert()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    lengths = [7, 3, 5]
+    tokens = torch.randint(1, 50, (3, 7), generator=torch.Generator().manual_seed(3))
+    mask = _lengths_mask(lengths, 7)
+    upstream = torch.randn(int(mask.sum()), 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+
+    def grads_and_stats() -> tuple[dict[str, Tensor], list[Tensor]]:
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        stats = [m.running_var.clone() for m in model.modules() if isinstance(m, BatchNormChannelsLast)]
+        return grads, stats
+
+    with set_padding_mask_from(model):
+        padded = model(input_ids=torch.where(mask, tokens, 0), attention_mask=mask.long()).last_hidden_state[mask]
+    (padded * upstream).sum().backward()
+    padded_grads, padded_stats = grads_and_stats()
+    model.load_state_dict(state)
+    model.zero_grad()
+    segment = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+    packed = model(
+        input_ids=tokens[mask][None],
+        position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
+        attention_mask=(segment[:, None] == segment[None, :])[None, None],  # (1, 1, 15, 15): within a sequence
+    ).last_hidden_state[0]
+    (packed * upstream).sum().backward()
+    packed_grads, packed_stats = grads_and_stats()
+    torch.testing.assert_close(padded, packed, rtol=1e-9, atol=1e-9)
+    assert padded_grads.keys() == packed_grads.keys() and len(padded_grads) > 10
+    for name in padded_grads:
+        torch.testing.assert_close(padded_grads[name], packed_grads[name], rtol=1e-8, atol=1e-9, msg=name)
+    for a, b in zip(padded_stats, packed_stats):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_set_padding_mask_from_equals_unpadded_sequences() -> None:
@@ -386,32 +462,44 @@ def test_set_padding_mask_from_leaves_the_mask_when_the_forward_raises() -> None
 
 
 class _Block(nn.Module):
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, **options: object) -> None:
         super().__init__()
         self.linear = nn.Linear(C, C)
-        self.norm = build_norm(kind, C, layout="channels_last")
+        self.norm = build_norm(kind, C, layout="channels_last", **options)
 
     def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return self.norm(self.linear(x)).relu()
 
 
-@pytest.mark.parametrize("kind", ["batch", "sync_batch", "batch_renorm", "ghost_batch"])
-def test_compiled_forward_reads_the_mask_without_graph_breaks_or_recompiles(kind: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "options"),
+    [
+        ("batch", {}),
+        ("batch", {"momentum": None}),
+        ("sync_batch", {"momentum": None}),
+        ("batch_renorm", {}),
+        ("ghost_batch", {}),
+    ],
+)
+def test_compiled_forward_reads_the_mask_without_graph_breaks_or_recompiles(kind: str, options: dict) -> None:
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    eager = _Block(kind)
-    compiled_block = _Block(kind)
+    eager = _Block(kind, **options)
+    compiled_block = _Block(kind, **options)
     compiled_block.load_state_dict(eager.state_dict())
     backend = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(compiled_block, backend=backend, fullgraph=True)
     x = torch.randn(3, 5, C)
     mask = _lengths_mask([5, 2, 4], 5)
+    # Torch's own kernel path (no mask) with momentum=None reads the step counter on the host, which fullgraph
+    # refuses; the masked path keeps the cumulative factor a tensor, so those cases run masked steps only.
+    modes = (True,) if "momentum" in options and options["momentum"] is None else (False, True)
     for step in range(3):
-        for use_mask in (False, True):
+        for use_mask in modes:
             with padding_mask(mask) if use_mask else _no_mask():
                 expected, got = eager(x), compiled(x)
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -452,3 +540,142 @@ class _no_mask:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+# ------------------------------------------------------------------------------------------- recalibration callback
+
+
+class _PaddedTokens(torch.utils.data.Dataset):
+    """Sequences of 1-6 tokens padded to 6, with their masks; padding holds large values."""
+
+    def __init__(self, n: int = 12) -> None:
+        gen = torch.Generator().manual_seed(11)
+        lengths = torch.randint(1, 7, (n,), generator=gen).tolist()
+        self.x, self.mask = _padded(lengths, 6, seed=12)
+        self.x = self.x.float()
+        self.y = torch.randn(n, 6, C, generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"x": self.x[i], "mask": self.mask[i], "y": self.y[i]}
+
+
+def _lightning_module(set_mask_in_training_step: bool):
+    import lightning as L
+
+    class PaddedModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(C, C)
+            self.norm = build_norm("batch", C, layout="channels_last", momentum=0.5)
+
+        def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+            if set_mask_in_training_step:
+                with padding_mask(batch["mask"]):
+                    out = self.norm(self.proj(batch["x"]))
+            else:
+                out = self.norm(self.proj(batch["x"]))
+            return ((out - batch["y"]) ** 2)[batch["mask"]].mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return PaddedModule()
+
+
+@pytest.mark.parametrize("how", ["training_step", "padding_mask_from"])
+def test_batch_norm_recalibration_callback_counts_real_tokens(tmp_path, how: str) -> None:
+    """BatchNormRecalibration at fit end: the running statistics are those of the real tokens of the loader, whether
+    the module's training_step sets the mask (the default feed) or ``padding_mask_from`` does."""
+    import lightning as L
+
+    from lightning_bn.callbacks import BatchNormRecalibration
+
+    data = _PaddedTokens()
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    module = _lightning_module(set_mask_in_training_step=how == "training_step")
+    callback = BatchNormRecalibration(
+        num_batches=None, when="fit_end", padding_mask_from=(lambda b: b["mask"]) if how != "training_step" else None
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, loader)
+    with torch.no_grad():
+        projected = module.proj(data.x[data.mask]).double()
+    torch.testing.assert_close(module.norm.running_mean.double(), projected.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(module.norm.running_var.double(), projected.var(0), rtol=1e-5, atol=1e-5)
+    assert callback.last_report is not None
+    assert callback.last_report.layers["norm"].num_values == int(data.mask.sum())
+
+
+def test_batch_norm_recalibration_rejects_a_bad_padding_mask_from() -> None:
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_bn.callbacks import BatchNormRecalibration
+
+    with pytest.raises(MisconfigurationException, match="`padding_mask_from` must be callable"):
+        BatchNormRecalibration(padding_mask_from="mask")  # type: ignore[arg-type]
+
+
+def test_set_padding_mask_from_warns_about_torch_batch_norms_that_ignore_the_mask() -> None:
+    model = nn.Sequential(nn.Conv1d(C, C, 1), nn.BatchNorm1d(C), BatchNormNd(C))
+    with pytest.warns(UserWarning, match=r"1 batch-norm layer\(s\).*1 \(BatchNorm1d\)"):
+        set_padding_mask_from(model).remove()
+
+
+def test_real_token_check_is_per_minimum_and_scope() -> None:
+    """One host read per mask serves later layers only when it proved what they need: a PowerNorm's check of one
+    real token must not let a batch norm through with a single real token."""
+    from lightning_bn.layers import PowerNorm
+
+    power, bn = PowerNorm(C, layout="channels_last"), BatchNormChannelsLast(C)
+    one = torch.zeros(2, 5, dtype=torch.bool)
+    one[1, 2] = True
+    x = torch.randn(2, 5, C)
+    with padding_mask(one):
+        power(x)  # one real token is enough for a quadratic mean
+        with pytest.raises(ValueError, match="fewer than 2 real tokens, got 1"):
+            bn(x)
+
+
+def test_mask_on_another_device_than_the_input_raises() -> None:
+    bn = BatchNormChannelsLast(C)
+    with padding_mask(torch.ones(2, 5, dtype=torch.bool, device="meta")), pytest.raises(ValueError, match="meta"):
+        bn(torch.randn(2, 5, C))
+
+
+@pytest.mark.parametrize("kind", ["batch", "power"])
+def test_compiled_layers_with_varying_sequence_lengths_settle_after_one_dynamic_recompile(kind: str) -> None:
+    """Padded batches change length from step to step: dynamo's automatic dynamic shapes recompile once per mode
+    (with and without a mask) when the length first changes, then never again; no graph breaks."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    norm = build_norm(kind, C, layout="channels_last")
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(norm, backend=backend, fullgraph=True)
+    gen = torch.Generator().manual_seed(0)
+    frames = []
+    for total in (5, 6, 7, 9, 5):
+        x = torch.randn(3, total, C, generator=gen, requires_grad=True)
+        mask = _lengths_mask([total, 2, total - 1], total)
+        compiled(x).sum().backward()
+        with padding_mask(mask):
+            compiled(x).sum().backward()
+        frames.append(backend.frame_count)
+    assert frames == [2, 4, 4, 4, 4]
+    assert sum(counters["graph_break"].values()) == 0

@@ -442,3 +442,108 @@ def test_report_is_a_plain_dataclass() -> None:
     report = RecalibrationReport()
     assert report.metrics() == {} and "0 layer(s)" in str(report)
     assert copy.deepcopy(report) == report
+
+
+# ------------------------------------------------------------------------------------- padded sequences (issue #16)
+
+
+class _PaddedNet(nn.Module):
+    """Tokens (N, T, 6): a channels-last batch norm after a linear layer, and a PowerNorm on the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+        self.bn = build_norm("batch", 6, layout="channels_last")
+        self.power = build_norm("power", 6, layout="channels_last", num_groups=2, warmup_iters=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.proj(x)) + self.power(x)
+
+
+def _padded_batches(seed: int = 0) -> list[dict[str, Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for lengths in ([5, 2, 3], [1, 4, 4, 2], [3, 3]):
+        mask = torch.arange(5)[None, :] < torch.tensor(lengths)[:, None]
+        x = torch.randn(len(lengths), 5, 6, generator=gen, dtype=torch.float64) * 2.0 + 1.0
+        x = torch.where(mask[..., None], x, torch.full_like(x, 100.0))  # padding far from the real tokens
+        batches.append({"x": x, "mask": mask})
+    return batches
+
+
+def _real_token_statistics(model: _PaddedNet, batches: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    from lightning_bn.layers._power import group_scaling
+
+    real = torch.cat([b["x"][b["mask"]] for b in batches])  # (M, 6): every real token of every batch
+    with torch.no_grad():
+        projected = model.proj(real)
+    scaled = group_scaling(real, 1, 2)
+    return {
+        "bn.running_mean": projected.mean(0),
+        "bn.running_var": projected.var(0, unbiased=True),
+        "power.running_phi": (scaled * scaled).mean(0),
+        "count": torch.tensor(len(real)),
+    }
+
+
+def test_recalibration_under_padding_mask_from_equals_real_token_statistics() -> None:
+    model = _PaddedNet().double()
+    batches = _padded_batches()
+    expected = _real_token_statistics(model, batches)
+    iters, ema = model.power.iters.clone(), model.power.ema_gz.clone()
+    report = recalibrate_bn(
+        model, batches, forward=lambda m, b: m(b["x"]), padding_mask_from=lambda b: b["mask"].long()
+    )
+    torch.testing.assert_close(model.bn.running_mean, expected["bn.running_mean"], **TOL)
+    torch.testing.assert_close(model.bn.running_var, expected["bn.running_var"], **TOL)
+    torch.testing.assert_close(model.power.running_phi, expected["power.running_phi"], **TOL)
+    assert report.layers["bn"].num_values == report.layers["power"].num_values == int(expected["count"])
+    assert report.layers["power"].mean_shift == 0.0
+    assert torch.equal(model.power.iters, iters) and torch.equal(model.power.ema_gz, ema)
+    assert model.training  # modes restored
+    # negative control: without the mask the padding enters the statistics
+    recalibrate_bn(model, batches, forward=lambda m, b: m(b["x"]))
+    assert not torch.allclose(model.bn.running_mean, expected["bn.running_mean"], atol=1e-3)
+
+
+def test_recalibration_with_the_mask_set_by_the_feeding_itself() -> None:
+    from lightning_bn import padding_mask, set_padding_mask_from
+
+    model = _PaddedNet().double()
+    batches = _padded_batches(seed=1)
+    expected = _real_token_statistics(model, batches)
+
+    def feed(m: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        with padding_mask(batch["mask"]):
+            return m(batch["x"])
+
+    recalibrate_bn(model, batches, forward=feed)
+    torch.testing.assert_close(model.bn.running_var, expected["bn.running_var"], **TOL)
+    torch.testing.assert_close(model.power.running_phi, expected["power.running_phi"], **TOL)
+
+    class WithAttentionMask(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _PaddedNet().double()
+
+        def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+            return self.net(x)
+
+    wrapped = WithAttentionMask()
+    wrapped.net.load_state_dict(model.state_dict())
+    with set_padding_mask_from(wrapped):  # the model's own hooks read attention_mask
+        recalibrate_bn(wrapped, [{"x": b["x"], "attention_mask": b["mask"].long()} for b in batches])
+    torch.testing.assert_close(wrapped.net.bn.running_mean, expected["bn.running_mean"], **TOL)
+
+
+def test_recalibration_mask_errors() -> None:
+    model = _PaddedNet().double()
+    batches = _padded_batches()
+    before = model.bn.running_mean.clone()
+    with pytest.raises(ValueError, match=r"bn \(BatchNormChannelsLast\).*\(3, 5, 6\)"):
+        recalibrate_bn(model, batches, forward=lambda m, b: m(b["x"]), padding_mask_from=lambda b: b["mask"][:, :4])
+    torch.testing.assert_close(model.bn.running_mean, before)
+    with pytest.raises(TypeError, match="`padding_mask_from` must return a tensor"):
+        recalibrate_bn(model, batches, forward=lambda m, b: m(b["x"]), padding_mask_from=lambda b: [1])
+    with pytest.raises(TypeError, match="`padding_mask_from` must be callable"):
+        recalibrate_bn(model, batches, padding_mask_from="mask")  # type: ignore[arg-type]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
@@ -145,11 +145,18 @@ class BatchNormRecalibration(Callback):
         progress: a progress bar on rank zero; ``None`` shows one when the trainer has a progress bar and a
             recalibration runs more than 50 batches.
         log: write the per-layer shifts to the trainer's loggers.
+        padding_mask_from: for padded sequences, ``padding_mask_from(batch)`` maps a batch (after the batch-transfer
+            hooks) to its boolean ``(N, *)`` mask (True, or nonzero, at a real token), and each batch is fed under
+            :func:`lightning_bn.padding_mask` of it, e.g. ``lambda batch: batch["attention_mask"]``. Not needed when
+            the feeding sets the mask itself: a LightningModule whose ``training_step`` (the default feed without a
+            ``forward`` of its own) or ``forward`` enters ``padding_mask``, or a model with
+            :func:`lightning_bn.set_padding_mask_from` hooks. Either way the statistics are those of the real tokens.
 
     Raises:
         MisconfigurationException: a ``when`` outside the list above, ``every_n_epochs`` or ``num_batches`` not a
             positive int, or ``when="test_start"`` without a ``dataloader``; at setup, a module without a ``forward``
-            under manual optimization and no ``forward`` given (its ``training_step`` would step the optimizer).
+            under manual optimization and no ``forward`` given (its ``training_step`` would step the optimizer);
+            ``padding_mask_from`` not callable.
 
     Logged metrics (rank zero, through every logger of the trainer, at ``trainer.global_step``; the hooks
     ``on_fit_end`` does not allow ``self.log``, so the loggers are called directly):
@@ -174,6 +181,7 @@ class BatchNormRecalibration(Callback):
         modules: Iterable[str | nn.Module] | None = None,
         progress: bool | None = None,
         log: bool = True,
+        padding_mask_from: Callable[[Any], Tensor | None] | None = None,
     ) -> None:
         check_choice("when", when, WHEN, error=MisconfigurationException)
         check_positive_int("every_n_epochs", every_n_epochs, error=MisconfigurationException)
@@ -186,6 +194,10 @@ class BatchNormRecalibration(Callback):
             )
         if forward is not None and not callable(forward):
             raise MisconfigurationException(f"`forward` must be callable as forward(model, batch), got {forward!r}")
+        if padding_mask_from is not None and not callable(padding_mask_from):
+            raise MisconfigurationException(
+                f"`padding_mask_from` must be callable as padding_mask_from(batch) -> mask, got {padding_mask_from!r}"
+            )
         self.num_batches = num_batches
         self.dataloader = dataloader
         self.every_n_epochs = every_n_epochs
@@ -195,6 +207,7 @@ class BatchNormRecalibration(Callback):
         self.modules = list(modules) if modules is not None else None
         self.progress = progress
         self.log = log
+        self.padding_mask_from = padding_mask_from
         self.num_recalibrations = 0
         self.last_report: RecalibrationReport | None = None
         self._warned_no_loader = False
@@ -262,6 +275,7 @@ class BatchNormRecalibration(Callback):
                 modules=self.modules,
                 progress=self._show_progress(trainer, batches),
                 exact_eval=self.exact_eval,
+                padding_mask_from=self.padding_mask_from,
             )
         self.num_recalibrations += 1
         self.last_report = report

@@ -57,7 +57,7 @@ def masked_moments(
         moments = all_reduce_sum(moments, group)
     count = moments[COUNT][0].detach()
     scope = "batch of all processes together" if synchronized else "batch"
-    key = group if synchronized else None
+    key = ("global", group) if synchronized else "local"
     check_real_tokens(count, name=layer_name(module), input_shape=tuple(x.shape), key=key, scope=scope)
     mean, var = mean_var(moments)
     return count, mean, var
@@ -217,7 +217,9 @@ class BatchRenorm(_LayoutBatchNorm):
     from 0 to their final values over the first ``warmup_steps`` training batches (counted by
     ``num_batches_tracked``), so training starts as batch norm. In eval it is batch norm with running statistics.
     With ``sync_stats`` on (see :class:`lightning_bn.plugins.SyncNormPlugin`) ``mu_B`` and ``sigma_B`` are those of
-    the union of every process's batch, reduced exactly and differentiably, as in ``SyncBatchNorm``.
+    the union of every process's batch, reduced exactly and differentiably, as in ``SyncBatchNorm``. Under
+    :func:`lightning_bn.padding_mask` ``mu_B``, ``sigma_B`` (so ``r`` and ``d``) and the running update are those of
+    the real tokens (of every process, when synchronized); padded positions get the same transform.
 
     Args:
         num_features: channels ``C``.
@@ -313,6 +315,10 @@ class GhostBatchNorm(_LayoutBatchNorm):
     process (each process's batch is cut as above) and the running statistics average the virtual batches of every
     process, so they are identical everywhere; when each process's batch is a multiple of ``virtual_batch_size``
     this is ghost batch norm on the union batch, exactly.
+
+    Under :func:`lightning_bn.padding_mask` each virtual batch is normalized with the statistics of its real tokens;
+    a virtual batch without one is only scaled and shifted (mean 0, variance 1) and left out of the running
+    statistics, which average the virtual batches that have real tokens (of every process, when synchronized).
     """
 
     def __init__(
@@ -392,8 +398,8 @@ class GhostBatchNorm(_LayoutBatchNorm):
             local = torch.cat([mean_sum.detach(), var_sum.detach(), batches.detach().reshape(1)])
         total = reduce_across_processes(local, group=self.sync_group) if synchronized else local
         if synchronized:
-            scope = "batch of all processes together"
-            check_real_tokens(total[-1], name=name, input_shape=shape, minimum=1, key=self.sync_group, scope=scope)
+            scope, key = "batch of all processes together", ("global", self.sync_group)
+            check_real_tokens(total[-1], name=name, input_shape=shape, minimum=1, key=key, scope=scope)
         count = total[-1].clamp_min(1.0)
         c = self.num_features
         self._update_running_stats(total[:c] / count, total[c : 2 * c] / count)

@@ -261,22 +261,24 @@ class SyncBatchNorm(_LayoutBatchNorm):
                 f"got input of shape {tuple(input.shape)}"
             )
         synchronized = self.training and distributed_world_size(self.process_group) > 1
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        mask = padding_of(self, input, cdim) if use_batch_stats else None
+        if mask is not None:
+            # Masked counts and sums, summed over the processes: exact however unevenly they are padded (the fused
+            # kernels take no mask, so this is the portable computation on CUDA too). Computed (and checked) before
+            # any buffer changes, so a batch without real tokens leaves the layer as it was.
+            count, mean, var = masked_moments(self, input, cdim, mask, synchronized, self.process_group)
         factor: float | Tensor = 0.0
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is not None:
                 factor = float(self.momentum)
-            elif synchronized and self.running_mean is not None:
+            elif (synchronized or mask is not None) and self.running_mean is not None:
                 # A tensor: no host read of the counter (a CUDA synchronization, and a graph break when compiled).
                 factor = 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
             else:
                 factor = 1.0 / float(self.num_batches_tracked)  # F.batch_norm takes a float, as torch's layer does
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        mask = padding_of(self, input, cdim) if use_batch_stats else None
         if mask is not None:
-            # Masked counts and sums, summed over the processes: exact however unevenly they are padded (the fused
-            # kernels take no mask, so this is the portable computation on CUDA too).
-            count, mean, var = masked_moments(self, input, cdim, mask, synchronized, self.process_group)
             if self.training:
                 self._update_running_stats_from(mean, var * (count / (count - 1.0)), factor)
             return normalize_with(input, cdim, mean, var, self.eps, self.weight, self.bias)
