@@ -558,3 +558,30 @@ def test_padded_model_loss_and_gradients_match_batch_norm_over_real_tokens_by_fo
     model.hparams["mask_padding"] = False
     _, counted = model(**batch)
     assert abs(counted.item() - expected.item()) > 1e-3
+
+
+def test_recalibration_of_the_padded_model_gives_the_real_tokens_population_statistics():
+    """``recalibrate_bn``'s default feed gives a mapping batch as ``model(**batch)``, whose forward enters the mask:
+    the first norm's running statistics become the mean and unbiased variance of its inputs at the real tokens
+    (no batch norm comes before it, so a hook gathers those inputs afterwards in eval mode)."""
+    from lightning_bn.recalibrate import recalibrate_bn
+
+    torch.manual_seed(0)
+    batches = [pad_collate([torch.randint(0, 20, (int(n),)) for n in torch.randint(2, 15, (6,))]) for _ in range(3)]
+    model = CharTransformer(norm="batch", vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=16).double()
+    recalibrate_bn(model, batches)
+    # with the recalibrated buffers, in eval mode: the first norm's input does not depend on any batch norm
+    ln_1 = model.model.blocks[0].ln_1
+    inputs: list[torch.Tensor] = []
+    handle = ln_1.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            model(batch["idx"])
+    handle.remove()
+    real = torch.cat([x[b["attention_mask"]] for x, b in zip(inputs, batches)])  # (n_real, C)
+    torch.testing.assert_close(ln_1.running_mean, real.mean(0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ln_1.running_var, real.var(0, unbiased=True), rtol=1e-10, atol=1e-12)
+    # negative control: counting the padding gives other statistics
+    everything = torch.cat([x.flatten(0, 1) for x in inputs])
+    assert not torch.allclose(ln_1.running_mean, everything.mean(0), atol=1e-4)
