@@ -252,7 +252,7 @@ class CharTransformer(L.LightningModule):
         """Logits ``(B, T, vocab)``; given ``targets`` (``IGNORE_INDEX`` at padding), ``(logits, loss)`` as nanoGPT.
 
         The arguments are the keys of a padded batch, so ``model(**batch)`` works: that is how
-        ``BatchNormRecalibration`` and ``recalibrate_bn`` feed a mapping, so their forwards run under the mask too.
+        ``BatchNormRecalibration`` and ``recalibrate_bn`` feed a mapping, so their statistics count real tokens only.
         """
         masked = attention_mask is not None and self.hparams["mask_padding"]
         with padding_mask(attention_mask.bool()) if masked else contextlib.nullcontext():  # type: ignore[union-attr]
