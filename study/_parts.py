@@ -498,12 +498,15 @@ def _padded_norm_options(norm: str, steps: int) -> dict[str, Any]:
     return {"warmup_iters": max(1, steps // 4)} if norm == "power" else {}
 
 
-def _part_transformer_padded(cfg: StudyConfig, out: Path, log: Log, sec: Section, tf_batch: int) -> None:
-    """The padded task of part 5: variable-length sequences padded to the longest of each batch, with and without
-    the padding mask around the model (issue #16)."""
-    known = set(available_norms())
-    rows = [(norm, masked) for norm, masked in cfg.tf_padded if norm in known]
-    missing = sorted({norm for norm, _ in cfg.tf_padded if norm not in known})
+Curve = list[tuple[int, float]]
+PaddedRuns = tuple[dict[str, list[float]], dict[str, dict[str, list[float]]], dict[str, Curve],
+                   dict[str, dict[str, Curve]], list[float]]
+
+
+def _padded_runs(cfg: StudyConfig, rows: Sequence[tuple[str, bool]], tf_batch: int, lr: float, log: Log
+                 ) -> PaddedRuns:
+    """Every (norm, mask) row over the seeds at ``lr``: bits per character, later bn shifts, seed 0's curves, and
+    each run's share of padding."""
     bpc: dict[str, list[float]] = {}
     shifts: dict[str, dict[str, list[float]]] = {}
     curves: dict[str, list[tuple[int, float]]] = {}
@@ -516,8 +519,8 @@ def _part_transformer_padded(cfg: StudyConfig, out: Path, log: Log, sec: Section
         for seed in range(cfg.seeds):
             cbs = [_monitor(cfg.tf_monitor_every)] if batch_stats else []
             r = train_transformer(norm, seed=seed, steps=cfg.tf_steps, n_layer=cfg.tf_layers, n_embd=cfg.tf_embd,
-                                  batch_size=tf_batch, val_batches=cfg.tf_val_batches, callbacks=cbs, task="padded",
-                                  mask_padding=masked, norm_options=options)
+                                  batch_size=tf_batch, lr=lr, val_batches=cfg.tf_val_batches, callbacks=cbs,
+                                  task="padded", mask_padding=masked, norm_options=options)
             bpc.setdefault(label, []).append(r.final)
             padding.append(r.extra["padding"])
             if seed == 0:
@@ -527,7 +530,17 @@ def _part_transformer_padded(cfg: StudyConfig, out: Path, log: Log, sec: Section
                 shifts.setdefault(label, {}).setdefault(stat, []).append(later)
                 if seed == 0 and curve:
                     shift_curves.setdefault(label, {})[stat] = curve
-            log(f"  part 5 padded {label:>15} seed={seed}: val bpc={r.final:.3f} ({r.seconds:.1f}s)")
+            log(f"  part 5 padded lr={lr:g} {label:>15} seed={seed}: val bpc={r.final:.3f} ({r.seconds:.1f}s)")
+    return bpc, shifts, curves, shift_curves, padding
+
+
+def _part_transformer_padded(cfg: StudyConfig, out: Path, log: Log, sec: Section, tf_batch: int) -> None:
+    """The padded task of part 5: variable-length sequences padded to the longest of each batch, with and without
+    the padding mask around the model (issue #16)."""
+    known = set(available_norms())
+    rows = [(norm, masked) for norm, masked in cfg.tf_padded if norm in known]
+    missing = sorted({norm for norm, _ in cfg.tf_padded if norm not in known})
+    bpc, shifts, curves, shift_curves, padding = _padded_runs(cfg, rows, tf_batch, 3e-3, log)
     share = statistics.fmean(padding) if padding else float("nan")
     sec.add(
         "### The padded task",
@@ -565,8 +578,9 @@ def _part_transformer_padded(cfg: StudyConfig, out: Path, log: Log, sec: Section
     vs = {label: mean_std(v["var_shift"])[0] for label, v in shifts.items()}
     with_mask, without_mask = padded_label("batch", True), padded_label("batch", False)
     layer, power = padded_label("layer", True), padded_label("power", True)
+    gap_at_default = ""
     if with_mask in m and without_mask in m:
-        gap = _versus(bpc[with_mask], bpc[without_mask])
+        gap = gap_at_default = _versus(bpc[with_mask], bpc[without_mask])
         verdict = {
             "below": "the mask helps, as the issue expects",
             "above": "the mask makes batch norm worse here, by more than the spread over seeds; the padded model's "
@@ -603,6 +617,33 @@ def _part_transformer_padded(cfg: StudyConfig, out: Path, log: Log, sec: Section
             sentences.append(" (Level with: the means differ by at most twice the larger standard deviation over "
                              "seeds.)")
         sec.add("".join(sentences), "")
+    if cfg.tf_padded_check_lr is not None:
+        lr = cfg.tf_padded_check_lr
+        check, check_shifts, _, _, _ = _padded_runs(cfg, rows, tf_batch, lr, log)
+        sec.add(f"**Learning-rate check.** The same rows at learning rate {lr:g} instead of 3e-3 (the windows task's "
+                "rate, not tuned for this one):", "")
+        sec.add(*table([f"padded task, lr {lr:g}", "val bits/char", "bn/mean_shift", "bn/var_shift"], [
+            [label, fmt(check[label], digits=3), fmt(check_shifts[label]["mean_shift"], digits=3),
+             fmt(check_shifts[label]["var_shift"], digits=3)] for label in check
+        ]))
+        check_means = {label: mean_std(v)[0] for label, v in check.items()}
+        if with_mask in check_means and without_mask in check_means:
+            gap = _versus(check[with_mask], check[without_mask])
+            words = {"below": "the mask helps at this rate", "above": "the mask is worse at this rate",
+                     "level with": "level within the spread over seeds"}
+            text = (f"**Agreement (learning-rate check).** At {lr:g}, batch norm with the mask scored "
+                    f"{check_means[with_mask]:.3f} against {check_means[without_mask]:.3f} without it: "
+                    f"{words[gap]}.")
+            for name, label in (("Layer norm", layer), ("PowerNorm", power)):
+                if label in check_means:
+                    text += (f" {name} scored {check_means[label]:.3f}, "
+                             f"{_versus(check[label], check[with_mask])} batch norm with the mask.")
+            if cfg.seeds < 2:
+                text += " One seed: no spread to judge by."
+            if gap != gap_at_default:
+                text += (" Which of batch norm's two variants does better depends on the learning rate here, so "
+                         "neither table alone measures the mask's effect on training.")
+            sec.add(text, "")
     sec.add(
         "**Scale.** These runs are small: the model sees each character a handful of times, a batch holds "
         f"{tf_batch} sequences, and padding reaches a real token only through batch statistics of a few layers. "

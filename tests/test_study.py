@@ -102,6 +102,11 @@ def test_smoke_study_writes_report_tables_and_pngs(tmp_path: Path) -> None:
             assert all(float(c) >= 0.0 for c in row[2:])
     assert ("**Not run:** `power`" in text) == ("power" not in available_norms())
     assert text.count("**Agreement (padded task).**") == 1
+    # the same rows again at the check's learning rate
+    check_rows = _table_after(text, f"| padded task, lr {cfg.tf_padded_check_lr:g} | val bits/char |")
+    assert [r[0] for r in check_rows] == [r[0] for r in padded_rows]
+    assert all(0 < float(r[1]) < 8 for r in check_rows)
+    assert text.count("**Agreement (learning-rate check).**") == 1
     assert re.search(r"\(\d+% of the training batches' positions are padding\)", text)
     # the windows figure sits with its own text, before the padded task's
     assert text.index("](study_transformer.png)") < text.index("### The padded task") \
