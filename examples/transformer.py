@@ -3,6 +3,8 @@
     python -m examples.transformer fit --config examples/configs/transformer.yaml
     python -m examples.transformer fit --config examples/configs/transformer.yaml --model.norm rms
     python -m examples.transformer fit --config examples/configs/transformer.yaml --model.norm batch
+    python -m examples.transformer fit --config examples/configs/transformer.yaml \
+        --config examples/configs/transformer_padded.yaml          # the padded task, batch norm under the mask
 
 The text is the English documentation that ships with every Python (``pydoc_data.topics``), so it trains offline.
 The normalization layer of every pre-norm block (and the final one) is a hyperparameter: ``layer`` (GPT-2),
@@ -13,12 +15,25 @@ A caution for kinds whose statistics span positions: batch norm in train mode po
 instance and group norm pool every position of a sequence, so a token's normalization sees a little of its future.
 For batch norm over ``B * T`` tokens this leak is of order ``1 / (B * T)``; instance and group norm leak more, and their
 validation loss is not a fair language-model score (``layer``, ``rms`` and ``none`` are strictly causal).
+
+Two tasks (``PydocTextDataModule(task=...)``):
+
+- ``windows`` (the default): fixed-length windows of ``block_size`` characters, never padded;
+- ``padded``: the text split at paragraph and sentence boundaries into sequences of at most ``block_size + 1``
+  characters, right-padded to the longest of each batch. Its batches are mappings ``{"idx", "targets",
+  "attention_mask"}``; the loss counts real targets only, and ``CharTransformer`` runs its model under
+  ``lightning_bn.padding_mask(attention_mask)``, so batch norm counts real tokens only (``mask_padding=False`` counts
+  the padding too, as a plain batch norm would). Causal attention with padding on the right keeps real tokens from
+  ever attending to padding: batch statistics are the only way padding reaches a real token.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,14 +46,21 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_bn.layers import available_norms, build_norm, normalize_kind
+from lightning_bn.padding import padding_mask
 
 __all__ = [
     "GPTConfig",
     "GPT",
+    "Sequences",
+    "TASKS",
     "CharTransformer",
     "PydocTextDataModule",
     "CharLMCLI",
+    "IGNORE_INDEX",
+    "masked_cross_entropy",
+    "pad_collate",
     "pydoc_text",
+    "split_sequences",
     "unigram_entropy_bits",
     "main",
 ]
@@ -173,6 +195,10 @@ class CharTransformer(L.LightningModule):
         weight_decay: AdamW weight decay on matrices (not on biases, embeddings' positions or norm parameters).
         warmup_steps: linear warm-up steps before the cosine decay to ``lr / 10`` over the run's
             ``trainer.estimated_stepping_batches``.
+        mask_padding: on batches that carry an ``attention_mask`` (the ``padded`` task), run the model under
+            ``lightning_bn.padding_mask(attention_mask)``, so that batch norm's statistics count real tokens only.
+            ``False`` lets them count the padding too, as a plain batch norm would; the loss ignores padding
+            either way. Kinds that never mix tokens (``layer``, ``rms``) give the same result with both.
 
     Raises:
         ValueError: an unknown ``norm`` (the message lists the kinds), options the kind does not take, or
@@ -180,7 +206,8 @@ class CharTransformer(L.LightningModule):
 
     Logged metrics:
         ``train/loss`` (nats per character, every logging step), ``val/loss`` (nats per character) and ``val/bpc``
-        (bits per character, ``val/loss / ln 2``), both averaged over the validation windows of all processes.
+        (bits per character, ``val/loss / ln 2``), both averaged over every predicted validation character of all
+        processes (padding excluded).
 
     Example::
 
@@ -202,6 +229,7 @@ class CharTransformer(L.LightningModule):
         lr: float = 3e-3,
         weight_decay: float = 0.1,
         warmup_steps: int = 30,
+        mask_padding: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -209,6 +237,8 @@ class CharTransformer(L.LightningModule):
             normalize_kind(norm)
         except ValueError:
             raise ValueError(f"`norm` must be one of {', '.join(available_norms())}, got {norm!r}") from None
+        if not isinstance(mask_padding, bool):
+            raise ValueError(f"`mask_padding` must be True or False, got {mask_padding!r}")
         self.cfg = GPTConfig(
             vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
             dropout=dropout, norm=norm, norm_options=dict(norm_options or {}),
@@ -216,22 +246,37 @@ class CharTransformer(L.LightningModule):
         self.model = GPT(self.cfg)
         self.example_input_array = torch.zeros(2, block_size, dtype=torch.long)
 
-    def forward(self, idx: Tensor) -> Tensor:
-        return self.model(idx)  # (B, T, vocab)
+    def forward(
+        self, idx: Tensor, attention_mask: Tensor | None = None, targets: Tensor | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits ``(B, T, vocab)``; given ``targets`` (``IGNORE_INDEX`` at padding), ``(logits, loss)`` as nanoGPT.
 
-    def _loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        The arguments are the keys of a padded batch, so ``model(**batch)`` works: that is how
+        ``BatchNormRecalibration`` and ``recalibrate_bn`` feed a mapping, so their statistics count real tokens only.
+        """
+        masked = attention_mask is not None and self.hparams["mask_padding"]
+        with padding_mask(attention_mask.bool()) if masked else contextlib.nullcontext():  # type: ignore[union-attr]
+            logits = self.model(idx)  # (B, T, vocab)
+        if targets is None:
+            return logits
+        return logits, masked_cross_entropy(logits, targets)
+
+    def _loss(self, batch: tuple[Tensor, Tensor] | Mapping[str, Tensor]) -> tuple[Tensor, int]:
+        """The mean loss over the batch's predicted characters, and how many there are."""
+        if isinstance(batch, Mapping):  # the padded task
+            _, loss = self(**batch)
+            return loss, int((batch["targets"] != IGNORE_INDEX).sum())
         x, y = batch  # (B, T), (B, T): y is x shifted by one character
         logits = self(x)  # (B, T, vocab)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)), y.numel()
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
+    def training_step(self, batch: tuple[Tensor, Tensor] | Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        loss, n = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
         return loss
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        loss = self._loss(batch)
-        n = batch[0].size(0)
+    def validation_step(self, batch: tuple[Tensor, Tensor] | Mapping[str, Tensor], batch_idx: int) -> None:
+        loss, n = self._loss(batch)  # weighted by characters: the epoch's figure is the mean over all of them
         self.log("val/loss", loss, batch_size=n, sync_dist=True)
         self.log("val/bpc", loss / math.log(2), batch_size=n, prog_bar=True, sync_dist=True)
 
@@ -320,24 +365,100 @@ class ContiguousWindows(Dataset):
         return chunk[:-1], chunk[1:]  # (T,), (T,)
 
 
+IGNORE_INDEX = -100  # the target at a padded position: F.cross_entropy's default ignore_index
+
+
+def masked_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-character cross entropy over the real targets: those at padding (``IGNORE_INDEX``) do not count."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def split_sequences(text: str, max_len: int) -> list[str]:
+    """``text`` cut at blank lines and after sentence ends into pieces of 2 to ``max_len`` characters.
+
+    Leading and trailing whitespace of a piece goes; a piece longer than ``max_len`` is cut at its last space
+    within ``max_len`` characters (inside a word only when it has no space).
+    """
+    if max_len < 2:
+        raise ValueError(f"`max_len` must be at least 2 (one input and one target), got {max_len}")
+    pieces = []
+    for part in re.split(r"\n\s*\n|(?<=[.!?])\s+", text):
+        part = part.strip()
+        while len(part) > max_len:
+            cut = part.rfind(" ", 2, max_len + 1)
+            cut = max_len if cut < 2 else cut
+            pieces.append(part[:cut])
+            part = part[cut:].lstrip()
+        if len(part) >= 2:
+            pieces.append(part)
+    return pieces
+
+
+def pad_collate(sequences: list[Tensor]) -> dict[str, Tensor]:
+    """Right-pad sequences of character ids (each of 2 or more) to the longest of the batch.
+
+    Returns ``idx`` (padding 0), ``targets`` (``idx`` shifted by one, ``IGNORE_INDEX`` at padding) and
+    ``attention_mask`` (True at a real token), each ``(B, T)`` with ``T`` the longest sequence's length minus one.
+    The padding's id is an ordinary character: with causal attention and padding on the right, no real token
+    attends to it, so only batch statistics that count it could carry it to a real token.
+    """
+    T = max(len(s) for s in sequences) - 1
+    idx = torch.zeros(len(sequences), T, dtype=torch.long)
+    targets = torch.full((len(sequences), T), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros(len(sequences), T, dtype=torch.bool)
+    for i, s in enumerate(sequences):
+        n = len(s) - 1
+        idx[i, :n], targets[i, :n], mask[i, :n] = s[:-1], s[1:], True
+    return {"idx": idx, "targets": targets, "attention_mask": mask}  # (B, T) each
+
+
+class Sequences(Dataset):
+    """Variable-length sequences, in order, or ``num_samples`` of them drawn with replacement from ``seed``."""
+
+    def __init__(self, sequences: list[Tensor], num_samples: int | None = None, seed: int = 0) -> None:
+        if not sequences:
+            raise ValueError("the text gave no sequence of 2 or more characters")
+        self.sequences = sequences
+        generator = torch.Generator().manual_seed(seed)
+        self.order = (torch.arange(len(sequences)) if num_samples is None
+                      else torch.randint(0, len(sequences), (num_samples,), generator=generator))
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.sequences[int(self.order[i])]  # (length,) with 2 <= length <= block_size + 1
+
+
+TASKS = ("windows", "padded")
+
+
 class PydocTextDataModule(L.LightningDataModule):
     """Python's documentation text, split once into a leading training part and a trailing validation part.
 
-    The vocabulary is every character of the text (sorted), so validation has no unknown characters. Training
-    batches are windows at random positions drawn from ``seed`` (the same windows for every run with the same
-    arguments); validation is the validation text cut into consecutive windows.
+    The vocabulary is every character of the text (sorted), so validation has no unknown characters.
+
+    - ``task="windows"``: training batches are windows at random positions drawn from ``seed`` (the same windows for
+      every run with the same arguments); validation is the validation text cut into consecutive windows.
+    - ``task="padded"``: each part is split at blank lines and sentence ends (:func:`split_sequences`) into
+      sequences of 2 to ``block_size + 1`` characters; training draws ``samples_per_epoch`` of them from ``seed``,
+      validation takes every validation sequence in order. Batches are right-padded by :func:`pad_collate` to
+      mappings ``{"idx", "targets", "attention_mask"}``. The first character of each sequence is never predicted, so
+      bits per character are not those of the windows task.
 
     Args:
-        block_size: characters of context per window.
-        batch_size: windows per batch (per process under DDP).
+        block_size: characters of context per window (the longest input of the padded task).
+        batch_size: windows or sequences per batch (per process under DDP).
         val_fraction: the share of the text, taken from its end, held out for validation.
-        samples_per_epoch: random training windows in one epoch (the DDP sampler shares them among processes).
-        seed: seed of the training windows' positions and order.
+        samples_per_epoch: random training windows or sequences in one epoch (the DDP sampler shares them among
+            processes).
+        seed: seed of the training windows' positions (or sequences) and order.
         num_workers: DataLoader workers.
+        task: ``"windows"`` (fixed length, never padded) or ``"padded"`` (variable length, padded).
 
     Raises:
-        ValueError: ``val_fraction`` outside (0, 1), or a non-positive ``block_size``, ``batch_size`` or
-            ``samples_per_epoch``.
+        ValueError: ``val_fraction`` outside (0, 1), a non-positive ``block_size``, ``batch_size`` or
+            ``samples_per_epoch``, or an unknown ``task``.
     """
 
     def __init__(
@@ -348,8 +469,11 @@ class PydocTextDataModule(L.LightningDataModule):
         samples_per_epoch: int = 32_000,
         seed: int = 0,
         num_workers: int = 0,
+        task: str = "windows",
     ) -> None:
         super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"`task` must be one of {', '.join(TASKS)}, got {task!r}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction}")
         for name, value in (("block_size", block_size), ("batch_size", batch_size),
@@ -358,12 +482,20 @@ class PydocTextDataModule(L.LightningDataModule):
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")
         self.block_size, self.batch_size, self.val_fraction = block_size, batch_size, val_fraction
         self.samples_per_epoch, self.seed, self.num_workers = samples_per_epoch, seed, num_workers
+        self.task = task
         self.text = pydoc_text()
         self.chars = sorted(set(self.text))
         self.stoi = {ch: i for i, ch in enumerate(self.chars)}
         data = torch.tensor([self.stoi[ch] for ch in self.text], dtype=torch.long)
         n_train = int(len(data) * (1.0 - val_fraction))
         self.train_data, self.val_data = data[:n_train], data[n_train:]
+        self.train_sequences: list[Tensor] = []
+        self.val_sequences: list[Tensor] = []
+        if task == "padded":
+            self.train_sequences, self.val_sequences = (
+                [torch.tensor(self.encode(s), dtype=torch.long) for s in split_sequences(part, block_size + 1)]
+                for part in (self.text[:n_train], self.text[n_train:])
+            )
 
     @property
     def vocab_size(self) -> int:
@@ -376,15 +508,23 @@ class PydocTextDataModule(L.LightningDataModule):
         return "".join(self.chars[i] for i in (ids.tolist() if isinstance(ids, Tensor) else ids))
 
     def train_dataloader(self) -> DataLoader:
-        windows = RandomWindows(self.train_data, self.block_size, self.samples_per_epoch, self.seed)
+        if self.task == "padded":
+            samples: Dataset = Sequences(self.train_sequences, self.samples_per_epoch, self.seed)
+        else:
+            samples = RandomWindows(self.train_data, self.block_size, self.samples_per_epoch, self.seed)
         return DataLoader(
-            windows, batch_size=self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed),
+            samples, batch_size=self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed), collate_fn=self._collate(),
         )
 
     def val_dataloader(self) -> DataLoader:
-        windows = ContiguousWindows(self.val_data, self.block_size)
-        return DataLoader(windows, batch_size=self.batch_size, num_workers=self.num_workers)
+        samples = Sequences(self.val_sequences) if self.task == "padded" else ContiguousWindows(
+            self.val_data, self.block_size)
+        return DataLoader(samples, batch_size=self.batch_size, num_workers=self.num_workers,
+                          collate_fn=self._collate())
+
+    def _collate(self) -> Any:
+        return pad_collate if self.task == "padded" else None  # None: the DataLoader's default stacking
 
 
 # ----------------------------------------------------------------------------------------------------------------

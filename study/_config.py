@@ -42,6 +42,9 @@ class StudyConfig:
     tf_embd: int
     tf_val_batches: int
     tf_monitor_every: int
+    # part 5, the padded task: (norm, whether the model runs under padding_mask) per row
+    tf_padded: tuple[tuple[str, bool], ...] = (("layer", True), ("batch", False), ("batch", True), ("power", True))
+    tf_padded_check_lr: float | None = 1e-2  # the same rows again at this learning rate (None: not run)
 
 
 SIZES: dict[str, StudyConfig] = {

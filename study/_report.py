@@ -104,9 +104,14 @@ def render(
         "",
     ]
     for section in sections:
-        lines += [f"## {section.title}", ""] + section.text
-        for name, caption in section.figures:
-            lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+        lines += [f"## {section.title}", ""]
+        at = section.figure_at or [len(section.text)] * len(section.figures)
+        for i, line in enumerate([*section.text, None]):
+            for (name, caption), position in zip(section.figures, at):
+                if position == i:
+                    lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+            if line is not None:
+                lines.append(line)
     return "\n".join(lines).rstrip() + "\n"
 
 

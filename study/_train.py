@@ -192,13 +192,22 @@ def train_transformer(
     lr: float = 3e-3,
     val_batches: int = 20,
     callbacks: Sequence[Callback] = (),
+    task: str = "windows",
+    mask_padding: bool = True,
+    norm_options: dict[str, Any] | None = None,
 ) -> RunResult:
-    """Train ``examples.transformer.CharTransformer(norm=norm)`` for ``steps`` steps; validation bits per character."""
+    """Train ``examples.transformer.CharTransformer(norm=norm)`` for ``steps`` steps; validation bits per character.
+
+    ``task="padded"`` trains on the padded sequences, with batch statistics over real tokens only when
+    ``mask_padding`` (else padding counted too); ``extra["padding"]`` is then the share of padded positions in the
+    training batches.
+    """
     L.seed_everything(seed, verbose=False)
     data = tf_example.PydocTextDataModule(block_size=block_size, batch_size=batch_size,
-                                          samples_per_epoch=steps * batch_size, seed=seed)
+                                          samples_per_epoch=steps * batch_size, seed=seed, task=task)
     model = tf_example.CharTransformer(norm=norm, vocab_size=data.vocab_size, block_size=block_size, n_layer=n_layer,
-                                       n_head=n_head, n_embd=n_embd, lr=lr, warmup_steps=max(1, steps // 10))
+                                       n_head=n_head, n_embd=n_embd, lr=lr, warmup_steps=max(1, steps // 10),
+                                       mask_padding=mask_padding, norm_options=norm_options)
     recorder = CurveRecorder("val/bpc")
     trainer = _trainer([*callbacks, recorder], max_epochs=1, max_steps=steps, limit_val_batches=val_batches,
                        val_check_interval=max(1, steps // 4))
@@ -207,6 +216,9 @@ def train_transformer(
     result = RunResult(curve=recorder.curve, diverged=recorder.diverged, steps=trainer.global_step,
                        seconds=time.perf_counter() - start)
     result.final = recorder.curve[-1][1] if recorder.curve and not recorder.diverged else float("nan")
+    if task == "padded":
+        masks = [batch["attention_mask"] for batch in data.train_dataloader()]
+        result.extra["padding"] = 1.0 - float(sum(m.sum() for m in masks)) / sum(m.numel() for m in masks)
     return result
 
 

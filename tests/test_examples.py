@@ -1,5 +1,6 @@
 """The examples through LightningCLI with their YAML configs: every norm kind, NormSwap, DDP on CPU, W&B offline,
-and the transformer's data (fixed split, vocabulary, unigram entropy)."""
+the transformer's data (fixed split, vocabulary, unigram entropy) and its padded task (sequences, padding, masked
+loss, the padding mask around the model)."""
 
 from __future__ import annotations
 
@@ -20,16 +21,22 @@ from torch import nn
 from examples.cnn import CNN, DigitsDataModule
 from examples.loggers import AutoWandbLogger, wandb_offline_default
 from examples.transformer import (
+    IGNORE_INDEX,
     CharTransformer,
     ContiguousWindows,
     PydocTextDataModule,
     lr_factor,
     main,
+    masked_cross_entropy,
+    pad_collate,
     pydoc_text,
+    split_sequences,
     unigram_entropy_bits,
 )
 from lightning_bn.callbacks import BatchNormRecalibration, LayerStatsMonitor, NormSwap
 from lightning_bn.layers import available_norms, is_batch_norm
+from lightning_bn.layers._batch import BatchNormChannelsLast
+from lightning_bn.padding import active_padding_mask
 from lightning_bn.swap import find_norms
 from tests.dist import run_distributed
 from tests.tb_utils import find_wandb_offline_runs, read_tb_scalars, read_wandb_offline_run
@@ -337,3 +344,244 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lr_factor(10, 10, 100) == pytest.approx(1.0)
     assert lr_factor(55, 10, 100) == pytest.approx(0.55)  # halfway through the cosine: (1 + 0.1) / 2
     assert lr_factor(100, 10, 100) == pytest.approx(0.1) and lr_factor(500, 10, 100) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The padded task
+
+
+def test_split_sequences_cuts_at_paragraphs_and_sentences_within_the_length():
+    text = "First one. Second one?\n\nA paragraph  with a long sentence that goes on and on\nand on."
+    pieces = split_sequences(text, 20)
+    assert pieces[:2] == ["First one.", "Second one?"]
+    assert all(2 <= len(p) <= 20 for p in pieces)
+    # nothing but the whitespace at the cuts is lost, and the order is the text's
+    assert "".join(pieces).replace(" ", "").replace("\n", "") == text.replace(" ", "").replace("\n", "")
+    assert split_sequences("abcdefghij", 4) == ["abcd", "efgh", "ij"]  # no space: cut inside the word
+    assert split_sequences("I am. A b", 5) == ["I am.", "A b"] and split_sequences("x.\n\nyz", 5) == ["x.", "yz"]
+    assert split_sequences("a\n\nbc", 5) == ["bc"]  # a one-character piece has no target
+    with pytest.raises(ValueError, match="`max_len` must be at least 2 .* got 1"):
+        split_sequences("abc", 1)
+    dm = PydocTextDataModule(task="padded", block_size=64)
+    lengths = [len(s) for s in dm.train_sequences + dm.val_sequences]
+    assert min(lengths) >= 2 and max(lengths) == 65  # the longest fills the context exactly
+    assert dm.decode(dm.train_sequences[0]) in dm.decode(dm.train_data)
+    assert dm.decode(dm.val_sequences[-1]) in dm.decode(dm.val_data)
+
+
+def test_pad_collate_pads_on_the_right_with_ignored_targets():
+    seqs = [torch.tensor([5, 6, 7, 8]), torch.tensor([1, 2]), torch.tensor([9, 3, 4])]
+    batch = pad_collate(seqs)
+    assert torch.equal(batch["idx"], torch.tensor([[5, 6, 7], [1, 0, 0], [9, 3, 0]]))
+    assert torch.equal(batch["targets"], torch.tensor([[6, 7, 8], [2, -100, -100], [3, 4, -100]]))
+    assert torch.equal(batch["attention_mask"], torch.tensor([[True, True, True], [True, False, False],
+                                                              [True, True, False]]))
+    assert IGNORE_INDEX == -100 and torch.equal(batch["attention_mask"], batch["targets"] != IGNORE_INDEX)
+
+
+def test_masked_loss_is_the_loss_on_the_real_tokens_alone():
+    torch.manual_seed(0)
+    seqs = [torch.randint(0, 11, (n,)) for n in (9, 3, 6, 2)]
+    batch = pad_collate(seqs)
+    logits = torch.randn(4, 8, 11, dtype=torch.float64)
+    logits[~batch["attention_mask"]] = torch.tensor([-1e3] + [0.0] * 10, dtype=torch.float64)  # must not count
+    by_hand, count = 0.0, 0
+    for i, s in enumerate(seqs):
+        for t in range(len(s) - 1):
+            row = logits[i, t]
+            by_hand += float(torch.logsumexp(row, 0) - row[s[t + 1]])
+            count += 1
+    assert count == 16
+    loss = masked_cross_entropy(logits, batch["targets"])
+    assert loss.item() == pytest.approx(by_hand / count, rel=1e-12)
+    # negative control: the mean over every position, padding (target 0 there) included, is another number
+    everything = F.cross_entropy(logits.flatten(0, 1), batch["targets"].clamp(min=0).flatten())
+    assert everything.item() > 100.0 > loss.item()
+
+
+def test_padded_data_module_batches_and_bad_task():
+    dm = PydocTextDataModule(task="padded", block_size=32, batch_size=16, samples_per_epoch=64)
+    again = PydocTextDataModule(task="padded", block_size=32, batch_size=16, samples_per_epoch=64)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 4
+    for batch, same in zip(batches, again.train_dataloader()):  # the same sequences for the same seed
+        assert batch.keys() == {"idx", "targets", "attention_mask"}
+        assert all(torch.equal(batch[k], same[k]) for k in batch)
+        assert batch["idx"].shape == batch["attention_mask"].shape and batch["idx"].shape[1] <= 32
+        assert batch["attention_mask"][:, 0].all() and batch["attention_mask"].any(0).all()  # no all-padding column
+    assert any(not b["attention_mask"].all() for b in batches)  # padding occurs
+    val = list(dm.val_dataloader())
+    assert sum(int(b["attention_mask"].sum()) for b in val) == sum(len(s) - 1 for s in dm.val_sequences)
+    assert PydocTextDataModule().task == "windows"  # the default task is unchanged
+    with pytest.raises(ValueError, match="`task` must be one of windows, padded, got 'packed'"):
+        PydocTextDataModule(task="packed")
+    with pytest.raises(ValueError, match="`mask_padding` must be True or False, got 'yes'"):
+        CharTransformer(mask_padding="yes")
+
+
+class _RecordMask(nn.Module):
+    """A forward pre-hook target: remembers the padding mask active when the layer runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor | None] = []
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.seen.append(active_padding_mask())
+
+
+@pytest.mark.parametrize("mask_padding", [True, False])
+def test_padded_task_trains_with_the_mask_set_around_the_model(mask_padding):
+    import lightning as L
+
+    L.seed_everything(0, verbose=False)
+    dm = PydocTextDataModule(task="padded", block_size=32, batch_size=16, samples_per_epoch=16 * 30)
+    model = CharTransformer(norm="batch", vocab_size=dm.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=32,
+                            warmup_steps=3, mask_padding=mask_padding)
+    assert all(isinstance(m, BatchNormChannelsLast) for m in (model.model.blocks[0].ln_1, model.model.ln_f))
+    record = _RecordMask()
+    model.model.blocks[0].ln_1.register_forward_pre_hook(record)
+    losses = []
+
+    class Losses(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+            expected = batch["attention_mask"] if mask_padding else None
+            seen = record.seen[-1]
+            assert (seen is None) if expected is None else torch.equal(seen, expected)
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=30, limit_val_batches=2, val_check_interval=30, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, callbacks=[Losses()])
+    trainer.fit(model, dm)
+    assert len(losses) == 30 and all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.25  # it learns: below chance (ln 103 = 4.63)
+    assert active_padding_mask() is None  # nothing left active after training
+    metrics = _metrics(trainer)
+    assert metrics["val/bpc"] == pytest.approx(metrics["val/loss"] / math.log(2), rel=1e-6)
+
+
+def test_padded_validation_is_the_mean_over_real_characters(tmp_path):
+    """``val/loss`` weights each batch by its real targets: the mean over every validation character, computed here
+    in one pass over the concatenated real tokens."""
+    import lightning as L
+
+    dm = PydocTextDataModule(task="padded", block_size=32, batch_size=64, samples_per_epoch=64)
+    model = CharTransformer(norm="layer", vocab_size=dm.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=3, default_root_dir=tmp_path)
+    (result,) = trainer.validate(model, dm, verbose=False)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for batch in list(dm.val_dataloader())[:3]:
+            logits = model(batch["idx"])
+            real = batch["attention_mask"]
+            nll += float(F.cross_entropy(logits[real], batch["targets"][real], reduction="sum"))
+            count += int(real.sum())
+    assert result["val/loss"] == pytest.approx(nll / count, rel=1e-5)
+
+
+def test_padded_config_through_the_cli(tmp_path):
+    cli = main(_transformer_args(tmp_path, "--config", str(CONFIGS / "transformer_padded.yaml"),
+                                 "--trainer.fast_dev_run", "2"))
+    assert cli.datamodule.task == "padded" and cli.model.hparams.mask_padding is True
+    assert _norms(cli.model)[0] == ("model.blocks.0.ln_1", "batch", "channels_last")
+    assert isinstance(cli.model.model.ln_f, BatchNormChannelsLast)
+    assert cli.trainer.global_step == 2 and math.isfinite(_metrics(cli.trainer)["val/loss"])
+    off = main(_transformer_args(tmp_path, "--config", str(CONFIGS / "transformer_padded.yaml"),
+                                 "--model.mask_padding", "false", "--trainer.fast_dev_run", "1"))
+    assert off.model.hparams.mask_padding is False
+
+
+def test_padded_model_under_the_mask_ignores_the_padding_in_train_mode():
+    """Batch norm in train mode under the model's mask: logits at real tokens and the running statistics are those of
+    the real tokens alone, whatever the padding is (more of it, other ids). Without the mask they change."""
+    torch.manual_seed(0)
+    seqs = [torch.randint(0, 20, (n,)) for n in (9, 4, 7, 2)]
+    batch = pad_collate(seqs)
+    longer = {k: F.pad(v, (0, 5), value=v.new_tensor(0).item() if k != "targets" else IGNORE_INDEX)
+              for k, v in batch.items()}
+    longer["idx"][~longer["attention_mask"]] = 13  # other padding ids too
+    results = {}
+    for mask_padding in (True, False):
+        model = CharTransformer(norm="batch", vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=16,
+                                mask_padding=mask_padding).double().train()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        outs = []
+        for b in (batch, longer):
+            model.load_state_dict(state)
+            logits, loss = model(**b)
+            outs.append((logits[b["attention_mask"]], loss, model.model.ln_f.running_var.clone()))
+        results[mask_padding] = outs
+    (a, loss_a, var_a), (b, loss_b, var_b) = results[True]
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(var_a, var_b, rtol=1e-10, atol=1e-10)
+    (a, loss_a, var_a), (b, loss_b, var_b) = results[False]  # negative control: the padding counts
+    assert not torch.allclose(a, b, atol=1e-6) and not torch.allclose(var_a, var_b, atol=1e-6)
+
+
+class _ReferenceMaskedBatchNorm(nn.Module):
+    """Batch norm by its formula over the real tokens of ``mask`` (train mode, biased variance), for comparison."""
+
+    def __init__(self, bn: nn.Module, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps, self.mask = bn.weight, bn.bias, bn.eps, mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        real = x[self.mask]  # (n_real, C)
+        mean, var = real.mean(0), real.var(0, unbiased=False)
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
+def test_padded_model_loss_and_gradients_match_batch_norm_over_real_tokens_by_formula():
+    """The whole padded model under its mask against the same model whose batch norms are the formula over the real
+    tokens: the loss and every parameter's gradient, in float64."""
+    import copy
+
+    torch.manual_seed(0)
+    batch = pad_collate([torch.randint(0, 20, (n,)) for n in (9, 4, 7, 2, 12, 3)])
+    model = CharTransformer(norm="batch", vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=16).double()
+    reference = copy.deepcopy(model)
+    for block in reference.model.blocks:
+        block.ln_1 = _ReferenceMaskedBatchNorm(block.ln_1, batch["attention_mask"])
+        block.ln_2 = _ReferenceMaskedBatchNorm(block.ln_2, batch["attention_mask"])
+    reference.model.ln_f = _ReferenceMaskedBatchNorm(reference.model.ln_f, batch["attention_mask"])
+    _, loss = model(**batch)
+    _, expected = reference(**batch)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-11, msg=name)
+    # negative control: the same model counting the padding is another loss
+    model.hparams["mask_padding"] = False
+    _, counted = model(**batch)
+    assert abs(counted.item() - expected.item()) > 1e-3
+
+
+def test_recalibration_of_the_padded_model_gives_the_real_tokens_population_statistics():
+    """``recalibrate_bn``'s default feed gives a mapping batch as ``model(**batch)``, whose forward enters the mask:
+    the first norm's running statistics become the mean and unbiased variance of its inputs at the real tokens
+    (no batch norm comes before it, so a hook gathers those inputs afterwards in eval mode)."""
+    from lightning_bn.recalibrate import recalibrate_bn
+
+    torch.manual_seed(0)
+    batches = [pad_collate([torch.randint(0, 20, (int(n),)) for n in torch.randint(2, 15, (6,))]) for _ in range(3)]
+    model = CharTransformer(norm="batch", vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=16).double()
+    recalibrate_bn(model, batches)
+    # with the recalibrated buffers, in eval mode: the first norm's input does not depend on any batch norm
+    ln_1 = model.model.blocks[0].ln_1
+    inputs: list[torch.Tensor] = []
+    handle = ln_1.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            model(batch["idx"])
+    handle.remove()
+    real = torch.cat([x[b["attention_mask"]] for x, b in zip(inputs, batches)])  # (n_real, C)
+    torch.testing.assert_close(ln_1.running_mean, real.mean(0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ln_1.running_var, real.var(0, unbiased=True), rtol=1e-10, atol=1e-12)
+    # negative control: counting the padding gives other statistics
+    everything = torch.cat([x.flatten(0, 1) for x in inputs])
+    assert not torch.allclose(ln_1.running_mean, everything.mean(0), atol=1e-4)

@@ -15,14 +15,16 @@ import pytest
 import torch
 
 from examples.cnn import CNN
+from lightning_bn.layers import available_norms
 from study import SIZES, main, run_study
-from study._parts import _bn_shift, fmt, mean_std, steps_to, table
+from study._parts import Section, _bn_shift, fmt, mean_std, padded_label, steps_to, table
+from study._report import render
 from study._train import set_bn_option
 
 ROOT = Path(__file__).resolve().parents[1]
 
 PNGS = ("study_lr.png", "study_batch_size.png", "study_moving_average.png", "study_landscape.png",
-        "study_transformer.png")
+        "study_transformer.png", "study_transformer_padded.png")
 
 
 def _table_after(text: str, header_start: str) -> list[list[str]]:
@@ -86,6 +88,56 @@ def test_smoke_study_writes_report_tables_and_pngs(tmp_path: Path) -> None:
     shift_rows = _table_after(text, "| model (batch norm) |")
     assert [r[0] for r in shift_rows] == ["transformer", "cnn"]
     assert all(float(c) >= 0.0 for r in shift_rows for c in r[1:])
+
+    # part 5's padded task: a row per (norm, mask) of the config whose kind is registered, the others named
+    padded_rows = _table_after(text, "| padded task | val bits/char | bn/mean_shift | bn/var_shift |")
+    runnable = [(n, masked) for n, masked in cfg.tf_padded if n in available_norms()]
+    assert [r[0] for r in padded_rows] == [padded_label(n, masked) for n, masked in runnable]
+    assert [r[0] for r in padded_rows][:3] == ["layer (mask)", "batch (no mask)", "batch (mask)"]
+    for row in padded_rows:
+        assert 0 < float(row[1]) < 8
+        if row[0].startswith(("layer", "power")):  # not batch norm to the monitor: no bn/* figures
+            assert row[2:] == ["—", "—"]
+        else:
+            assert all(float(c) >= 0.0 for c in row[2:])
+    assert ("**Not run:** `power`" in text) == ("power" not in available_norms())
+    assert text.count("**Agreement (padded task).**") == 1
+    # the same rows again at the check's learning rate
+    check_rows = _table_after(text, f"| padded task, lr {cfg.tf_padded_check_lr:g} | val bits/char |")
+    assert [r[0] for r in check_rows] == [r[0] for r in padded_rows]
+    assert all(0 < float(r[1]) < 8 for r in check_rows)
+    assert text.count("**Agreement (learning-rate check).**") == 1
+    assert re.search(r"\(\d+% of the training batches' positions are padding\)", text)
+    # the windows figure sits with its own text, before the padded task's
+    assert text.index("](study_transformer.png)") < text.index("### The padded task") \
+        < text.index("](study_transformer_padded.png)")
+
+
+def test_quick_transformer_part_runs_the_padded_rows(tmp_path: Path) -> None:
+    """``python -m study --quick`` with part 5 alone (the CI size): its padded rows train (layer norm below the
+    unigram entropy's 4.69 bits), and the monitor gives batch-norm figures for the rows with batch statistics."""
+    threads = torch.get_num_threads()
+    try:
+        report = main(["--quick", "--parts", "transformer", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    text = report.read_text()
+    rows = {r[0]: r[1:] for r in _table_after(text, "| padded task |")}
+    assert {"layer (mask)", "batch (no mask)", "batch (mask)"} <= rows.keys()
+    assert all(0.0 < float(v[0]) < 8.0 for v in rows.values()) and float(rows["layer (mask)"][0]) < 4.69
+    assert all(float(c) > 0.0 for label, v in rows.items() if label.startswith("batch") for c in v[1:])
+    assert ("power (mask)" in rows) == ("power" in available_norms())
+    assert (tmp_path / "study_transformer_padded.png").stat().st_size > 5000
+
+
+def test_render_places_each_figure_where_the_text_had_got_to() -> None:
+    sec = Section("9. A part", text=["one", "two", "three"], figures=[("a.png", "A"), ("b.png", "B")],
+                  figure_at=[1, 3])
+    lines = render([sec], "smoke", "python -m study", 60.0).splitlines()
+    body = lines[lines.index("## 9. A part") + 2:]
+    assert body == ["one", "![A](a.png)", "", "*A*", "", "two", "three", "![B](b.png)", "", "*B*"]
+    old_style = Section("9. A part", text=["one"], figures=[("a.png", "A")])  # no positions: figures at the end
+    assert render([old_style], "smoke", "c", 1.0).rstrip().endswith("![A](a.png)\n\n*A*")
 
 
 def test_bad_arguments() -> None:
