@@ -126,3 +126,44 @@ def test_real_tokens_selects_rows_in_either_layout() -> None:
     assert torch.equal(real_tokens(first, mask, channel_dim=1), x[mask])
     assert real_tokens(first, mask) is first  # channels last asked: (N, C) does not fit the (N, T) mask
     assert real_tokens(x, None) is x
+
+
+def test_monitor_on_the_padded_example_counts_real_tokens_in_a_trainer() -> None:
+    """The padded transformer task: the LightningModule enters the mask around its model; the monitor's figures of a
+    batch norm's input and output at step 0 are those of the real tokens, computed by hand from the same tensors."""
+    import lightning as L
+
+    from examples.transformer import CharTransformer, PydocTextDataModule
+    from lightning_bn.callbacks import LayerStatsMonitor
+    from lightning_bn.padding import active_padding_mask
+
+    L.seed_everything(0, verbose=False)
+    dm = PydocTextDataModule(task="padded", block_size=32, batch_size=16, samples_per_epoch=16 * 4)
+    model = CharTransformer(norm="batch", vocab_size=dm.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)
+    model = model.double()
+    with torch.no_grad():  # the padding's id (0, also a character) far from the others: padding would show
+        model.model.wte.weight[0].fill_(3.0)
+    bn = model.model.blocks[0].ln_1
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+    handle = bn.register_forward_hook(lambda m, args, out: seen.append((args[0].detach(), out.detach(),
+                                                                        active_padding_mask())))
+    monitor = LayerStatsMonitor(log_every_n_steps=1, heatmap_every_n_logs=None)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, precision="64-true",
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[monitor])
+    try:
+        trainer.fit(model, dm)
+    finally:
+        handle.remove()
+    (x, out, mask), = seen
+    assert mask is not None and not bool(mask.all())  # a padded batch, run under its mask
+    name = "model.blocks.0.ln_1"
+    figures = dict(monitor.history[0][1])
+    x_real, out_real = x[mask], out[mask]
+    assert figures[f"act_in/mean/{name}"] == pytest.approx(x_real.mean().item(), rel=1e-9)
+    assert figures[f"act_in/std/{name}"] == pytest.approx(x_real.std(unbiased=False).item(), rel=1e-9)
+    assert figures[f"act/std/{name}"] == pytest.approx(out_real.std(unbiased=False).item(), rel=1e-9)
+    # normalized over the real tokens: per channel mean 0 and variance 1 there (up to eps), not over the padding
+    assert out_real.mean(0).abs().max().item() < 1e-9
+    # negative control: with the padding counted, the input's figures would be far off (padding id 0 was made loud)
+    assert figures[f"act_in/std/{name}"] < 0.5 * x.std(unbiased=False).item()
