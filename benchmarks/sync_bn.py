@@ -211,9 +211,10 @@ def main(argv: list[str] | None = None) -> None:
     variants, ratios = VARIANTS[args.device], RATIOS[args.device]
     command = "python -m benchmarks.sync_bn " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.device == "cpu":
+        load = os.getloadavg()
         machine = (
             f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores "
-            "(shared with other work while measured)"
+            f"(load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}, 1/5/15 min, this run included)"
         )
         where, data = "2 processes over gloo on 127.0.0.1, 1 thread each", "8x8 digits"
     else:
