@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from benchmarks._timing import median_ms
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compiled_summaries.md"
 SHAPES = {
@@ -41,16 +42,8 @@ SHAPES = {
 
 
 def _median_us(fn: Callable[[], object], repeats: int) -> float:
-    """Median CPU microseconds of ``fn()`` (the process's CPU time: one thread; unlike the wall clock, not inflated
-    by other work on a shared machine) over ``repeats`` calls, after two calls to warm up."""
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return 1e6 * statistics.median(times)
+    """Median CPU microseconds of ``fn()`` over ``repeats`` calls, after two calls to warm up."""
+    return 1e3 * median_ms(fn, repeats, warmup=2)[0]
 
 
 def fused_summary(x: Tensor, zero_tol: float = 0.0, count_dtype: torch.dtype = torch.float64) -> Tensor:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.writing import _median_ms
+from benchmarks._timing import median_ms
 
 RESULTS = Path(__file__).resolve().parent / "results" / "summaries.md"
 
@@ -65,7 +65,7 @@ def _tables(label: str, shape: tuple[int, ...], repeats: int) -> list[str]:
     ]
     lines = []
     for title, variants in sections:
-        timed = [(name, 1e3 * _median_ms(fn, repeats)[1]) for name, fn in variants]  # wall time
+        timed = [(name, 1e3 * median_ms(fn, repeats)[1]) for name, fn in variants]  # wall time
         ref = timed[0][1]
         lines += [f"| {label} {tuple(shape)}: {title} | us per call | x first |", "|---|---:|---:|"]
         lines += [f"| {name} | {us:.1f} | {us / ref:.3f} |" for name, us in timed]

@@ -21,30 +21,16 @@ import argparse
 import io
 import os
 import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from benchmarks._timing import median_ms
+
 RESULTS = Path(__file__).resolve().parent / "results" / "writing.md"
 STEPS = list(range(0, 10_000, 50))  # 200 logged steps, the monitor's default heatmap_max_steps
-
-
-def _median_ms(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
-    """Median CPU and wall milliseconds of ``fn()`` over ``repeats`` calls, after one call to warm up."""
-    fn()
-    cpu, wall = [], []
-    for _ in range(repeats):
-        start_cpu, start_wall = time.process_time(), time.perf_counter()
-        fn()
-        cpu.append(time.process_time() - start_cpu)
-        wall.append(time.perf_counter() - start_wall)
-    return 1e3 * statistics.median(cpu), 1e3 * statistics.median(wall)
 
 
 def _step_scalars() -> dict[str, float]:
@@ -128,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     lines = []
     for title, variants in sections:
-        timed = [(name, *_median_ms(fn, args.repeats)) for name, fn in variants]
+        timed = [(name, *median_ms(fn, args.repeats)) for name, fn in variants]
         ref = timed[0][1]
         lines += [f"| {title} | ms CPU | ms wall | x first (CPU) |", "|---|---:|---:|---:|"]
         lines += [f"| {name} | {cpu:.3f} | {wall:.3f} | {cpu / ref:.3f} |" for name, cpu, wall in timed]

@@ -150,10 +150,7 @@ def masked_shifted_channel_moments(x: Tensor, mask: Tensor, channel_dim: int = 1
     shape = [1] * x.dim()
     shape[cdim] = -1
     centred = torch.where(keep, values - shift.view(shape), torch.zeros((), dtype=acc, device=x.device))
-    s1, s2 = centred.sum(dims).double(), (centred * centred).sum(dims).double()
-    k = shift.double()
-    n = count.expand(x.shape[cdim])
-    return torch.stack([n, n * k + s1, s2 + k * (2.0 * s1 + n * k)])
+    return _unshifted(count.expand(x.shape[cdim]), shift, centred.sum(dims), (centred * centred).sum(dims))
 
 
 def shifted_channel_moments(x: Tensor, channel_dim: int = 1) -> Tensor:
@@ -197,9 +194,14 @@ def shifted_channel_moments(x: Tensor, channel_dim: int = 1) -> Tensor:
     with torch.no_grad():
         shift = channel_sum(values) / count if count else values.new_zeros(num_channels)
     centred = values - shift.view(shape)
-    s1, s2 = channel_sum(centred).double(), channel_sum(centred * centred).double()
-    k = shift.double()
     n = torch.full((num_channels,), float(count), dtype=torch.float64, device=x.device)
+    return _unshifted(n, shift, channel_sum(centred), channel_sum(centred * centred))
+
+
+def _unshifted(n: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> Tensor:
+    """``(3, C)`` float64 count, sum and sum of squares from sums shifted by ``k``: ``sum = n k + s1`` and
+    ``sum_sq = s2 + k (2 s1 + n k)``."""
+    k, s1, s2 = shift.double(), s1.double(), s2.double()
     return torch.stack([n, n * k + s1, s2 + k * (2.0 * s1 + n * k)])
 
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lightning_bn._checks import check_positive_int
 from lightning_bn.layers import channel_dim
+from lightning_bn.layers._layout import per_channel
 from lightning_bn.layers._power import group_scaling
 from lightning_bn.moments import (
     COUNT,
@@ -36,7 +37,7 @@ from lightning_bn.moments import (
 )
 from lightning_bn.padding import mask_for, padding_mask
 from lightning_bn.stats._names import uncompiled_name
-from lightning_bn.taxonomy import NormInfo, describe_norm
+from lightning_bn.taxonomy import NormInfo, find_norms
 
 __all__ = [
     "LayerRecalibration",
@@ -219,12 +220,11 @@ def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _batch_norms(model: nn.Module) -> list[tuple[str, nn.Module, NormInfo]]:
     """Every batch-norm layer (batch statistics in training, or frozen) with its description, in model order."""
-    found = []
-    for name, m in _named_modules(model):
-        info = describe_norm(m)
-        if info is not None and (info.batch_stats or info.kind in ("frozen_batch", "power")):
-            found.append((name, m, info))
-    return found
+    return [
+        (uncompiled_name(name), m, info)
+        for name, m, info in find_norms(model)
+        if info.batch_stats or info.kind in ("frozen_batch", "power")
+    ]
 
 
 def _select(
@@ -333,6 +333,22 @@ class _Probe:
         return {n: depth(n, frozenset()) if n in self.edges else -1 for n in names}
 
 
+def _affine_reader(module: nn.Module, info: NormInfo) -> Callable[[], tuple[Tensor | None, Tensor | None]]:
+    """Reads the layer's scale and shift when called: FSDP2 puts the unsharded parameter under the same attribute for
+    each forward (the one described is a shard); a scale or shift that is no parameter of the layer is the
+    described one."""
+    own = dict(module.named_parameters(recurse=False))
+    scale_attr = next((n for n, p in own.items() if p is info.scale), None)
+    shift_attr = next((n for n, p in own.items() if p is info.shift), None)
+
+    def read() -> tuple[Tensor | None, Tensor | None]:
+        weight = getattr(module, scale_attr) if scale_attr is not None else info.scale
+        bias = getattr(module, shift_attr) if shift_attr is not None else info.shift
+        return weight, bias
+
+    return read
+
+
 def _batch_stat_forward(
     module: nn.Module, info: NormInfo, name: str, sink: Tensor | None, probe: _Probe | None
 ) -> Callable:
@@ -345,14 +361,12 @@ def _batch_stat_forward(
     accumulated, so each input is read for statistics once.
     """
     post = [module.get_submodule(attr) for attr in info.post]
-    # FSDP2 puts the unsharded parameter under the same attribute for each forward (the one described is a shard)
-    own = dict(module.named_parameters(recurse=False))
-    scale_attr = next((n for n, p in own.items() if p is info.scale), None)
-    shift_attr = next((n for n, p in own.items() if p is info.shift), None)
+    affine = _affine_reader(module, info)
+    label, eps = f"{name} ({type(module).__name__})", info.eps if info.eps is not None else 1e-5
 
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         cdim = channel_dim(info.layout, x.dim())
-        mask = mask_for(x, cdim, strict=True, name=f"{name} ({type(module).__name__})")
+        mask = mask_for(x, cdim, strict=True, name=label)
         if mask is None:
             moments = channel_moments(x.detach(), cdim, dtype=torch.float64)
         else:
@@ -362,9 +376,7 @@ def _batch_stat_forward(
         mean, var = mean_var(moments, unbiased=False)  # training-mode batch norm normalizes with the biased var
         if mask is not None:  # an all-padding batch: finite outputs, which later layers' masks leave out anyway
             var = torch.where(moments[COUNT] > 0, var, torch.ones_like(var))
-        weight = getattr(module, scale_attr) if scale_attr is not None else info.scale
-        bias = getattr(module, shift_attr) if shift_attr is not None else info.shift
-        eps = info.eps if info.eps is not None else 1e-5
+        weight, bias = affine()
         stat_dtype = weight.dtype if weight is not None else x.dtype
         mean, var = mean.to(stat_dtype), var.to(stat_dtype)
         if cdim == 1:
@@ -386,10 +398,14 @@ def _power_stat_forward(
     """PowerNorm with the batch's own quadratic mean (its warm-up forward), adding the moments of its group-scaled
     input (real tokens only under a mask) to ``sink``; no buffer is touched."""
 
+    affine = _affine_reader(module, info)
+    label, eps = f"{name} ({type(module).__name__})", info.eps if info.eps is not None else 1e-5
+    groups = int(getattr(module, "num_groups", 1))
+
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         cdim = channel_dim(info.layout, x.dim())
-        mask = mask_for(x, cdim, strict=True, name=f"{name} ({type(module).__name__})")
-        scaled = group_scaling(x.detach(), cdim, int(getattr(module, "num_groups", 1)))
+        mask = mask_for(x, cdim, strict=True, name=label)
+        scaled = group_scaling(x.detach(), cdim, groups)
         if mask is None:
             moments = channel_moments(scaled, cdim, dtype=torch.float64)
         else:
@@ -397,14 +413,13 @@ def _power_stat_forward(
         if sink is not None:
             sink.add_(moments)
         quadratic_mean = moments[SUM_SQ] / moments[COUNT].clamp_min(1.0)
-        shape = [1] * x.dim()
-        shape[cdim] = -1
-        eps = info.eps if info.eps is not None else 1e-5
-        out = scaled * torch.rsqrt(quadratic_mean + eps).to(x.dtype).view(shape)
-        if info.scale is not None:
-            out = out * info.scale.to(x.dtype).view(shape)
-        if info.shift is not None:
-            out = out + info.shift.to(x.dtype).view(shape)
+        ndim = x.dim()
+        weight, bias = affine()
+        out = scaled * per_channel(torch.rsqrt(quadratic_mean + eps).to(x.dtype), ndim, cdim)
+        if weight is not None:
+            out = out * per_channel(weight.to(x.dtype), ndim, cdim)
+        if bias is not None:
+            out = out + per_channel(bias.to(x.dtype), ndim, cdim)
         return probe.record(name, x, out) if probe is not None and probe.active else out
 
     return forward

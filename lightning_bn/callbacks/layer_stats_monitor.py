@@ -350,17 +350,16 @@ class LayerStatsMonitor(Callback):
         so such a plugin does nothing there, and cannot say so itself."""
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        from lightning_bn.taxonomy import describe_norm
+        from lightning_bn.taxonomy import find_norms
 
         if not isinstance(strategy, ModelParallelStrategy) or getattr(strategy, "world_size", 1) < 2:
             return []
-        names = []
-        for name, module in model.named_modules():
-            info = describe_norm(module)
-            if info is not None and info.batch_stats and info.kind != "sync_batch":
-                if not getattr(module, "sync_stats", False):  # batch renorm and ghost batch norm switched on
-                    names.append(name)
-        return names
+        # batch renorm and ghost batch norm synchronize where sync_stats is switched on
+        return [
+            name
+            for name, module, info in find_norms(model)
+            if info.batch_stats and info.kind != "sync_batch" and not getattr(module, "sync_stats", False)
+        ]
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

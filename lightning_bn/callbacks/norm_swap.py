@@ -90,7 +90,6 @@ def _selected_norms(model: nn.Module, include: Any, exclude: Any, skip: set[int]
     for module in model.modules():
         if id(module) in skip or describe_norm(module) is None:
             continue
-        skip = skip | {id(module)}
         module_names = names[id(module)]
         wanted = not include_l or any(_matches(i, module_names, module) for i in include_l)
         if wanted and not any(_matches(i, module_names, module) for i in exclude_l):
@@ -222,16 +221,20 @@ class NormSwap(Callback):
             self._configure_model(trainer, pl_module)
         first = pl_module not in self._done
         if first:
-            report = self.apply(pl_module)
-            self._done.add(pl_module)
-            self.last_report = report
-            if self.verbose:
-                action = "inserted" if self.insert else "swapped"
-                rank_zero_info(f"NormSwap({self.to!r}) {action} {len(report)} layer(s)\n{format_report(report)}")
+            self._apply_once(pl_module)
         if builds and self.last_report:
             if first:
                 self._configure_model(trainer, pl_module)  # as Lightning will next: it must keep what exists
             self._check_kept(pl_module, self.last_report)
+
+    def _apply_once(self, pl_module: pl.LightningModule) -> None:
+        """Swap (or insert) in ``pl_module``, remember it and its report, and print the report when verbose."""
+        report = self.apply(pl_module)
+        self._done.add(pl_module)
+        self.last_report = report
+        if self.verbose:
+            action = "inserted" if self.insert else "swapped"
+            rank_zero_info(f"NormSwap({self.to!r}) {action} {len(report)} layer(s)\n{format_report(report)}")
 
     def _setup_sharded(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Under ``ModelParallelStrategy``, whose ``configure_model`` shards (``fully_shard``): swap the layers that
@@ -241,13 +244,8 @@ class NormSwap(Callback):
             if self.last_report:
                 self._check_kept(pl_module, self.last_report)
             return
-        report = self.apply(pl_module)
+        self._apply_once(pl_module)
         existing = {id(m) for m in pl_module.modules()}  # the swapped layers included
-        self._done.add(pl_module)
-        self.last_report = report
-        if self.verbose:
-            action = "inserted" if self.insert else "swapped"
-            rank_zero_info(f"NormSwap({self.to!r}) {action} {len(report)} layer(s)\n{format_report(report)}")
         self._configure_model(trainer, pl_module)  # as Lightning will next (it is idempotent)
         built = _selected_norms(pl_module, self.include, self.exclude, skip=existing)
         if built:
@@ -258,8 +256,8 @@ class NormSwap(Callback):
                 "parameters) cannot be swapped. Build them in __init__ (NormSwap swaps before configure_model), or "
                 f"call `lightning_bn.swap_norms(module, {self.to!r})` in configure_model before fully_shard."
             )
-        if report:
-            self._check_kept(pl_module, report)
+        if self.last_report:
+            self._check_kept(pl_module, self.last_report)
 
     @staticmethod
     def _configure_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -80,23 +80,32 @@ def normalize_with(
     return out.to(x.dtype)
 
 
-def _masked_torch_batch_norm(module: _BatchNorm, x: Tensor, cdim: int, mask: Tensor) -> Tensor:
-    """What ``_BatchNorm.forward`` does with batch statistics, over the real tokens only: torch's update rule for
-    the running statistics (``num_batches_tracked``, momentum or the cumulative average, unbiased variance with the
-    real count)."""
-    count, mean, var = masked_moments(module, x, cdim, mask)
-    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
-        assert module.running_mean is not None and module.running_var is not None
-        with torch.no_grad():
-            module.num_batches_tracked.add_(1)
-            # A tensor for the cumulative average: no host read of the counter (a graph break when compiled).
-            factor: float | Tensor = (
-                1.0 / module.num_batches_tracked.to(module.running_mean.dtype)
-                if module.momentum is None
-                else float(module.momentum)
-            )
-            module.running_mean.lerp_(mean.to(module.running_mean.dtype), factor)
-            module.running_var.lerp_((var * (count / (count - 1.0))).to(module.running_var.dtype), factor)
+def update_running_stats(module: _BatchNorm, mean: Tensor, var_unbiased: Tensor) -> None:
+    """Torch's update rule in training: ``num_batches_tracked += 1``, then an exponential average with
+    ``momentum``, cumulative when it is None. The cumulative factor is a tensor: no host read of the counter (a
+    device synchronization, and a graph break when compiled)."""
+    if not (module.training and module.track_running_stats and module.num_batches_tracked is not None):
+        return
+    assert module.running_mean is not None and module.running_var is not None
+    with torch.no_grad():
+        module.num_batches_tracked.add_(1)
+        factor: float | Tensor = (
+            1.0 / module.num_batches_tracked.to(module.running_mean.dtype)
+            if module.momentum is None
+            else float(module.momentum)
+        )
+        module.running_mean.lerp_(mean.detach().to(module.running_mean.dtype), factor)
+        module.running_var.lerp_(var_unbiased.detach().to(module.running_var.dtype), factor)
+
+
+def _masked_torch_batch_norm(
+    module: _BatchNorm, x: Tensor, cdim: int, mask: Tensor, synchronized: bool = False, group: Any = None
+) -> Tensor:
+    """What ``_BatchNorm.forward`` does with batch statistics, over the real tokens only (of every process of
+    ``group`` when ``synchronized``): torch's update rule for the running statistics, unbiased variance with the
+    real count. The moments are computed (and checked) before any buffer changes."""
+    count, mean, var = masked_moments(module, x, cdim, mask, synchronized, group)
+    update_running_stats(module, mean, var * (count / (count - 1.0)))
     return normalize_with(x, cdim, mean, var, module.eps, module.weight, module.bias)
 
 
@@ -183,25 +192,12 @@ class _LayoutBatchNorm(_BatchNorm):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, layout={self.layout}"
 
-    def _update_running_stats(self, mean: Tensor, var_unbiased: Tensor) -> None:
-        """Torch's update rule: exponential average with ``momentum``, cumulative when it is None."""
-        assert self.running_mean is not None and self.running_var is not None
-        assert self.num_batches_tracked is not None
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-            self.running_var.lerp_(var_unbiased.to(self.running_var.dtype), factor)
-
     def _eval_forward(self, x: Tensor) -> Tensor:
         out = F.batch_norm(
             _as_channels_first(x, self.layout), self.running_mean, self.running_var, self.weight, self.bias,
             False, 0.0, self.eps,
         )
         return out.reshape(x.shape)
-
-    def _uses_batch_stats(self) -> bool:
-        return self.training or not self.track_running_stats
 
     def _synchronized(self) -> bool:
         """True in training when synchronization is on and the group has more than one process."""
@@ -296,7 +292,7 @@ class BatchRenorm(_LayoutBatchNorm):
         x_hat = (input - per_channel(mean, ndim, cdim)) * per_channel(r / std, ndim, cdim) + per_channel(d, ndim, cdim)
         if self.affine:
             x_hat = x_hat * per_channel(self.weight, ndim, cdim) + per_channel(self.bias, ndim, cdim)
-        self._update_running_stats(mean.detach(), var.detach() * bessel)
+        update_running_stats(self, mean.detach(), var.detach() * bessel)
         return x_hat.to(input.dtype)  # float32 r, d and running stats would otherwise promote half input
 
     def extra_repr(self) -> str:
@@ -363,9 +359,9 @@ class GhostBatchNorm(_LayoutBatchNorm):
             total = reduce_across_processes(local, group=self.sync_group)
             count = total[-1].clamp_min(1.0)
             c = self.num_features
-            self._update_running_stats(total[:c] / count, total[c : 2 * c] / count)
+            update_running_stats(self, total[:c] / count, total[c : 2 * c] / count)
         else:
-            self._update_running_stats(torch.stack(means).mean(0), torch.stack(vars_).mean(0))
+            update_running_stats(self, torch.stack(means).mean(0), torch.stack(vars_).mean(0))
         return torch.cat(outs, dim=0) if outs else input.clone()
 
     def _masked_forward(self, input: Tensor, mask: Tensor) -> Tensor:
@@ -391,18 +387,18 @@ class GhostBatchNorm(_LayoutBatchNorm):
                 mean_sum = mean if mean_sum is None else mean_sum + mean  # an empty virtual batch adds zeros
                 var_sum = unbiased if var_sum is None else var_sum + unbiased
                 batches = real.double() if batches is None else batches + real.double()
-        acc = torch.float64
-        local = torch.zeros(2 * self.num_features + 1, dtype=acc, device=input.device)
         if outs:
             assert mean_sum is not None and var_sum is not None and batches is not None
-            local = torch.cat([mean_sum.detach(), var_sum.detach(), batches.detach().reshape(1)])
+            local = torch.cat([mean_sum, var_sum, batches.reshape(1)])  # built under no_grad
+        else:
+            local = torch.zeros(2 * self.num_features + 1, dtype=torch.float64, device=input.device)
         total = reduce_across_processes(local, group=self.sync_group) if synchronized else local
         if synchronized:
             scope, key = "batch of all processes together", ("global", self.sync_group)
             check_real_tokens(total[-1], name=name, input_shape=shape, minimum=1, key=key, scope=scope)
         count = total[-1].clamp_min(1.0)
         c = self.num_features
-        self._update_running_stats(total[:c] / count, total[c : 2 * c] / count)
+        update_running_stats(self, total[:c] / count, total[c : 2 * c] / count)
         return torch.cat(outs, dim=0) if outs else input.clone()
 
     def extra_repr(self) -> str:

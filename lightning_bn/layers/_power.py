@@ -8,9 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_bn._checks import check_positive_int
+from lightning_bn.layers._batch import layer_name, padding_of
 from lightning_bn.layers._layout import CHANNELS_FIRST, channel_dim, check_layout, per_channel
 from lightning_bn.moments import accumulation_dtype
-from lightning_bn.padding import check_real_tokens, mask_for
+from lightning_bn.padding import check_real_tokens
 
 __all__ = ["PowerNorm", "group_scaling"]
 
@@ -213,7 +214,7 @@ class PowerNorm(nn.Module):
             if self.bias is not None:
                 out = out + per_channel(self.bias.to(x.dtype), ndim, cdim)
             return out
-        mask = mask_for(input, cdim, strict=True, name=f"PowerNorm(num_features={self.num_features})")
+        mask = padding_of(self, input, cdim)
         batch_sq = self._batch_quadratic_mean(x.detach(), cdim, mask)
         with torch.no_grad():
             self.iters.add_(1)
@@ -236,9 +237,7 @@ class PowerNorm(nn.Module):
         if mask is None:
             return values.pow(2).mean(dims)
         count = mask.sum()
-        check_real_tokens(
-            count, name=f"PowerNorm(num_features={self.num_features})", input_shape=tuple(x.shape), minimum=1
-        )
+        check_real_tokens(count, name=layer_name(self), input_shape=tuple(x.shape), minimum=1)
         zero = torch.zeros((), dtype=acc, device=x.device)
         return torch.where(mask.unsqueeze(cdim), values.pow(2), zero).sum(dims) / count.to(acc)
 

@@ -30,8 +30,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_bn.layers._batch import _LayoutBatchNorm, masked_moments, normalize_with, padding_of
-from lightning_bn.layers._layout import CHANNELS_FIRST, CHANNELS_LAST, channel_dim, per_channel
+from lightning_bn.layers._batch import (
+    _LayoutBatchNorm,
+    _masked_torch_batch_norm,
+    _uses_batch_statistics,
+    normalize_with,
+    padding_of,
+)
+from lightning_bn.layers._layout import CHANNELS_FIRST, CHANNELS_LAST, channel_dim
 from lightning_bn.moments import (
     COUNT,
     accumulation_dtype,
@@ -261,27 +267,22 @@ class SyncBatchNorm(_LayoutBatchNorm):
                 f"got input of shape {tuple(input.shape)}"
             )
         synchronized = self.training and distributed_world_size(self.process_group) > 1
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_batch_stats = _uses_batch_statistics(self)
         mask = padding_of(self, input, cdim) if use_batch_stats else None
         if mask is not None:
             # Masked counts and sums, summed over the processes: exact however unevenly they are padded (the fused
-            # kernels take no mask, so this is the portable computation on CUDA too). Computed (and checked) before
-            # any buffer changes, so a batch without real tokens leaves the layer as it was.
-            count, mean, var = masked_moments(self, input, cdim, mask, synchronized, self.process_group)
+            # kernels take no mask, so this is the portable computation on CUDA too).
+            return _masked_torch_batch_norm(self, input, cdim, mask, synchronized, self.process_group)
         factor: float | Tensor = 0.0
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is not None:
                 factor = float(self.momentum)
-            elif (synchronized or mask is not None) and self.running_mean is not None:
+            elif synchronized and self.running_mean is not None:
                 # A tensor: no host read of the counter (a CUDA synchronization, and a graph break when compiled).
                 factor = 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
             else:
                 factor = 1.0 / float(self.num_batches_tracked)  # F.batch_norm takes a float, as torch's layer does
-        if mask is not None:
-            if self.training:
-                self._update_running_stats_from(mean, var * (count / (count - 1.0)), factor)
-            return normalize_with(input, cdim, mean, var, self.eps, self.weight, self.bias)
         if synchronized:
             if _uses_fused_kernels(input, self.weight, self.bias):
                 return self._fused_forward(input, factor)
@@ -336,13 +337,4 @@ class SyncBatchNorm(_LayoutBatchNorm):
             self._check_global_count(count, input)
         mean, var = mean_var(moments)
         self._update_running_stats_from(mean, var * (count / (count - 1.0)), factor)
-        scale = torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight.to(scale.dtype)
-        shift = -mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias.to(shift.dtype)
-        acc = accumulation_dtype(input.dtype)
-        ndim = input.dim()
-        out = input.to(acc) * per_channel(scale.to(acc), ndim, cdim) + per_channel(shift.to(acc), ndim, cdim)
-        return out.to(input.dtype)
+        return normalize_with(input, cdim, mean, var, self.eps, self.weight, self.bias)

@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from lightning_bn.layers import CHANNELS_FIRST, BatchRenorm, GhostBatchNorm, SyncBatchNorm
 from lightning_bn.swap import _sharded_tensors, replace_modules
-from lightning_bn.taxonomy import NormInfo, describe_norm, unrecognized_reason
+from lightning_bn.taxonomy import _HOOK_DICTS, NormInfo, describe_norm, unrecognized_reason
 
 __all__ = ["SyncNormPlugin"]
 
@@ -24,15 +24,6 @@ _FLAGGED: tuple[type[nn.Module], ...] = (BatchRenorm, GhostBatchNorm)
 # (a callback that changes momentum, ``model.eval()``) and that go back to the original layer at revert.
 _SYNC_ATTRS = ("sync_stats", "sync_group")
 _CARRIED_ATTRS = ("eps", "momentum", "track_running_stats", "training")
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
 _MISSING = object()
 
 
@@ -43,7 +34,7 @@ def _plain_batch_norm(module: nn.Module, info: NormInfo | None) -> bool:
         info is not None
         and info.kind in ("batch", "sync_batch")
         and isinstance(module, _BatchNorm)
-        and not isinstance(module, (SyncBatchNorm, *_FLAGGED))
+        and not isinstance(module, _FLAGGED)  # the caller has passed over our SyncBatchNorm already
         and info.scale is module.weight
         and info.shift is module.bias
     )

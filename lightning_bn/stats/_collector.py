@@ -148,7 +148,7 @@ class _Collection:
     # per area: the summary rows (lists of floats where read back on the CPU, else tensors) and their modules
     rows: dict[str, list[Tensor | list[float]]] = field(default_factory=lambda: {a: [] for a in AREAS})
     modules: dict[str, list[int]] = field(default_factory=lambda: {a: [] for a in AREAS})
-    recent: dict[int, _Summarized] = field(default_factory=dict)
+    recent: _Summarized | None = None  # the last output summarized
     act_hist: dict[int, Tensor] = field(default_factory=dict)
     bn_moments: list[tuple[int, Tensor, float]] = field(default_factory=list)  # (module, (2, C) sums, values/channel)
     order: dict[int, None] = field(default_factory=dict)  # modules in the order of their first forward
@@ -376,9 +376,10 @@ class LayerStatsCollector:
                             self._feeds_bn[reused.producer] = (cdim, _running(module)[0].numel())
                             sums = reused.channel_sums if reused.channel_dim == cdim else None
                     for t in outputs:
-                        self._add_summary(state, "act", i, t, producer=True, mask=mask)
+                        real = real_tokens(t, mask)  # one selection (a copy under a mask) for summary and histogram
+                        self._add_summary(state, "act", i, t, producer=True, mask=mask, real=real)
                         if state.histograms:
-                            self._add_hist(state, i, real_tokens(t, mask))
+                            self._add_hist(state, i, real)
                 if bn and self.batch_norm and x is not None:
                     self._add_bn_moments(state, i, module, x, sums, mask)
             if self.activation_grads:
@@ -402,13 +403,20 @@ class LayerStatsCollector:
         return grad_hook
 
     def _add_summary(
-        self, state: _Collection, area: str, i: int, t: Tensor, producer: bool = False, mask: Tensor | None = None
+        self,
+        state: _Collection,
+        area: str,
+        i: int,
+        t: Tensor,
+        producer: bool = False,
+        mask: Tensor | None = None,
+        real: Tensor | None = None,
     ) -> _Summarized | None:
-        """Summarize ``t`` (its real tokens under ``mask``) as module ``i``'s ``area``; returns the cache entry when
-        ``t`` is the output just summarized under the same mask (then its row is reused)."""
-        key = id(t)
+        """Summarize ``t`` (its real tokens under ``mask``: ``real`` where the caller selected them already) as module
+        ``i``'s ``area``; returns the cache entry when ``t`` is the output just summarized under the same mask (then
+        its row is reused)."""
         version = None if t.is_inference() else t._version  # inference tensors have no version counter
-        cached = state.recent.get(key)
+        cached = state.recent
         if (
             version is not None
             and cached is not None
@@ -418,7 +426,7 @@ class LayerStatsCollector:
         ):
             state.add_row(area, i, cached.row, t.device)
             return cached
-        real = real_tokens(t, mask)
+        real = real_tokens(t, mask) if real is None else real
         sums, cdim = None, None
         if producer and i in self._feeds_bn:
             cdim, channels = self._feeds_bn[i]
@@ -431,7 +439,7 @@ class LayerStatsCollector:
         state.summaries += 1
         state.add_row(area, i, row, t.device)
         if producer and version is not None:
-            state.recent = {key: _Summarized(weakref.ref(t), version, row, i, sums, cdim, mask)}
+            state.recent = _Summarized(weakref.ref(t), version, row, i, sums, cdim, mask)
         return None
 
     def _add_hist(self, state: _Collection, i: int, t: Tensor) -> None:
@@ -564,8 +572,9 @@ class LayerStatsCollector:
         bns = tuple(self.bn_index) if self.batch_norm else ()
         bn_mods = [self.modules[i][1] for i in bns]
         all_gammas = [(i, w) for i, m in zip(bns, bn_mods) if isinstance(w := m.weight, Tensor)]
-        gammas = [(i, w) for i, w in all_gammas if shard_copies(w) is None]
-        gammas_shard = [(i, w) for i, w in all_gammas if shard_copies(w) is not None]
+        sharded = [shard_copies(w) is not None for _, w in all_gammas]
+        gammas = [g for g, s in zip(all_gammas, sharded) if not s]
+        gammas_shard = [g for g, s in zip(all_gammas, sharded) if s]
         copies = state.copies  # sharded parameters fill the reduced counterparts of the parameter fields
         recorded: dict[str, tuple[int, ...]] = {}
         for name, store in (
